@@ -1,0 +1,40 @@
+"""kvmem: a memory system for LLM inference — the KV cache in a paged pool under a byte budget."""
+
+from kvmem.engine.chat import ChatSession
+from kvmem.engine.llm import LLM
+from kvmem.engine.result import GenerationResult, GenerationStats
+from kvmem.errors import (
+    CorruptCacheError,
+    InvalidBudgetError,
+    KVBudgetError,
+    KVMemError,
+    ModelNotFoundError,
+    PromptTooLongError,
+)
+from kvmem.kv.budget import parse_budget
+from kvmem.kv.pool import KVPool, PoolConfig
+from kvmem.model.cache import KVMemCache
+from kvmem.model.loader import LoadedModel, load_model
+from kvmem.model.registry import DEFAULT_MODEL, embedded_names
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LLM",
+    "ChatSession",
+    "CorruptCacheError",
+    "GenerationResult",
+    "GenerationStats",
+    "InvalidBudgetError",
+    "KVBudgetError",
+    "KVMemCache",
+    "KVMemError",
+    "KVPool",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "PoolConfig",
+    "PromptTooLongError",
+    "embedded_names",
+    "load_model",
+    "parse_budget",
+]
+__version__ = "0.1.0"

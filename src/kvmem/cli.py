@@ -1,0 +1,225 @@
+"""The ``kvmem`` command line: thin over the library. Bad input exits with code 2 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvmem.errors import KVMemError, format_bytes
+from kvmem.kv.budget import parse_budget
+from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
+
+EXIT_USAGE = 2
+
+
+class UsageError(KVMemError):
+    """Bad command-line input found before any model is loaded."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvmem",
+        description="Run a Hugging Face decoder with its KV cache in a paged pool under a hard byte budget.",
+        epilog="Embedded models: "
+        + "; ".join(f"{m.name} ({m.description})" for m in EMBEDDED.values())
+        + ". Budgets: 64MiB, 512MB, 1GiB, a number of bytes, or 'unlimited'.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="complete a prompt and report KV bytes, TTFT and speed")
+    _model_args(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", type=Path, help="read the prompt from this file ('-' for stdin)")
+    _sampling_args(gen)
+    gen.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with the text and the stats")
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat; shows KV bytes held after each turn")
+    _model_args(chat)
+    _sampling_args(chat, default_new_tokens=256)
+    chat.add_argument("--system", help="system prompt")
+
+    info = sub.add_parser("info", help="architecture, KV heads, bytes of KV per token, context length")
+    info.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})")
+
+    demo = sub.add_parser("demo", help="kvmem's main job: a multi-turn chat over a long document")
+    _model_args(demo)
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})")
+    p.add_argument("--kv-budget", default=None, help="hard cap on KV bytes held, e.g. 64MiB (default unlimited)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill forward (default 512)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, default_new_tokens: int = 128) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=default_new_tokens, help="at most this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _validate(args)
+        _quiet_transformers()
+        return int(COMMANDS[args.command](args))
+    except (KVMemError, ValueError, OSError) as exc:
+        print(f"kvmem: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Check what can be checked before a model is loaded."""
+    if hasattr(args, "kv_budget"):
+        parse_budget(args.kv_budget)
+    for name in ("max_new_tokens", "block_size", "prefill_chunk"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "temperature", 0.0) < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    prompt_file = getattr(args, "prompt_file", None)
+    if prompt_file is not None and str(prompt_file) != "-" and not prompt_file.is_file():
+        raise UsageError(f"prompt file not found: {prompt_file}")
+    model = getattr(args, "model", None)
+    if model is not None and model not in EMBEDDED and not Path(model).expanduser().exists():
+        raise UsageError(
+            f"unknown model {model!r}: not an embedded model ({', '.join(sorted(EMBEDDED))}), folder or .gguf file"
+        )
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from kvmem.engine.llm import LLM
+
+    return LLM(args.model, kv_budget=args.kv_budget, block_size=args.block_size, prefill_chunk=args.prefill_chunk)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt_file is not None:
+        prompt = sys.stdin.read() if str(args.prompt_file) == "-" else args.prompt_file.read_text()
+    else:
+        prompt = args.prompt
+    llm = _make_llm(args)
+    sampling = (args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
+    if args.json:
+        result = llm.generate(prompt, *sampling)
+        print(json.dumps(result.to_json()))
+        return 0
+    from kvmem.engine.result import GenerationResult
+
+    for event in llm.stream(prompt, *sampling):
+        if isinstance(event, GenerationResult):
+            print(file=sys.stdout, flush=True)
+            print(describe(event), file=sys.stderr)
+        else:
+            print(event, end="", flush=True)
+    return 0
+
+
+def describe(result: object) -> str:
+    """One line of stats for people."""
+    from kvmem.engine.result import GenerationResult
+
+    assert isinstance(result, GenerationResult)
+    s = result.stats
+    return (
+        f"[kv: {format_bytes(s.kv_bytes)} held for {s.kv_tokens} tokens ({s.kv_ratio:.0%} of a full cache) | "
+        f"prefill {s.tokens_prefilled} tok in {s.prefill_s:.2f}s | TTFT {s.ttft_s:.2f}s | "
+        f"{s.new_tokens} new tok at {s.decode_tokens_per_s:.1f} tok/s | {result.finish_reason}]"
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kvmem.engine.result import GenerationResult
+
+    llm = _make_llm(args)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"kvmem chat with {args.model} — /quit to leave, /reset to start over", file=sys.stderr)
+    session = llm.chat(args.system)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/quit":
+            break
+        if message == "/reset":
+            session.close()
+            session = llm.chat(args.system)
+            print("[conversation reset; KV blocks freed]", file=sys.stderr)
+            continue
+        print("assistant> " if interactive else "", end="", flush=True)
+        for event in session.stream(message, args.max_new_tokens, **sampling):
+            if isinstance(event, GenerationResult):
+                print(flush=True)
+                print(describe(event) + f" pool: {format_bytes(llm.pool.bytes_used)}", file=sys.stderr)
+            else:
+                print(event, end="", flush=True)
+    session.close()
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from kvmem.model.loader import load_model
+
+    loaded = load_model(args.model)
+    spec = loaded.spec
+    full_layers = spec.num_layers - spec.num_sliding_layers
+    windows = sorted({w for w in spec.windows if w is not None})
+    rows = [
+        ("model", args.model),
+        ("architecture", f"{spec.model_type} ({type(loaded.model).__name__})"),
+        ("layers", f"{spec.num_layers} ({full_layers} full attention, {spec.num_sliding_layers} sliding window)"),
+        ("sliding window", ", ".join(map(str, windows)) if windows else "none"),
+        ("attention heads", f"{spec.num_heads} query, {spec.num_kv_heads} KV"),
+        ("head dim", str(spec.head_dim)),
+        ("KV dtype", str(spec.dtype).replace("torch.", "")),
+        ("KV bytes per token (full cache)", f"{spec.kv_bytes_per_token} ({format_bytes(spec.kv_bytes_per_token)})"),
+        ("KV bytes per token past the windows", str(spec.kv_bytes_per_token * full_layers // spec.num_layers)),
+        ("max context", f"{spec.max_context} tokens"),
+        ("chat template", "yes" if loaded.has_chat_template else "no (plain User:/Assistant: format)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvmem.demo import run_demo
+
+    run_demo(_make_llm(args), args.max_new_tokens)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

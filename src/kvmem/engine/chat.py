@@ -1,0 +1,113 @@
+"""Multi-turn chat whose KV state persists: each turn prefills only its own new tokens."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmem.engine.result import GenerationResult
+from kvmem.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from kvmem.engine.llm import LLM
+
+PLAIN_STOP = "\nUser:"
+
+
+class ChatSession:
+    """A conversation held in one sequence of the LLM's pool.
+
+    A turn renders the whole conversation (the tokenizer's chat template, or a plain
+    ``User: … / Assistant:`` format for base models without one), and feeds the model only the
+    text after what the sequence already holds. Call ``close`` (or use ``with``) to free its blocks.
+    """
+
+    def __init__(self, llm: LLM, system: str | None = None) -> None:
+        self.llm = llm
+        self.messages: list[dict[str, str]] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
+        self.sequence = llm.new_sequence()
+        self.turns = 0
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.sequence.cache.nbytes
+
+    def send(self, message: str, max_new_tokens: int = 256, **sampling: float | int) -> GenerationResult:
+        result = None
+        for event in self.stream(message, max_new_tokens, **sampling):
+            if isinstance(event, GenerationResult):
+                result = event
+        assert result is not None
+        return result
+
+    def stream(
+        self, message: str, max_new_tokens: int = 256, **sampling: float | int
+    ) -> Iterator[str | GenerationResult]:
+        before = list(self.messages)
+        self.messages.append({"role": "user", "content": message})
+        full = self.render(self.messages, add_generation_prompt=True)
+        held = self.llm.tokenizer.decode(
+            self.sequence.token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        # Normally the conversation so far is exactly what the sequence holds; if the template
+        # rewrites earlier turns, append this turn as the template frames it.
+        new_text = full[len(held) :] if full.startswith(held) else full[len(self.render(before, False)) :]
+        new_ids = self.llm.tokenizer(new_text, add_special_tokens=False)["input_ids"]
+        self.sequence.token_ids.extend(int(t) for t in new_ids)
+        params = SamplingParams(**sampling)  # type: ignore[arg-type]
+        stop = () if self.has_template else (PLAIN_STOP,)
+        result = None
+        try:
+            for event in self.llm.run(self.sequence, max_new_tokens, params, stop):
+                if isinstance(event, GenerationResult):
+                    result = event
+                yield event
+        except BaseException:
+            self.messages = before
+            raise
+        assert result is not None
+        self.messages.append({"role": "assistant", "content": result.text})
+        self.turns += 1
+
+    @property
+    def has_template(self) -> bool:
+        return self.llm.loaded.has_chat_template
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        if self.has_template:
+            return str(
+                self.llm.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            )
+        # The plain format starts with the BOS token as text, as a tokenizer adds it to a prompt.
+        bos = self.llm.tokenizer.bos_token if self.llm.encode("")[:1] else ""
+        return (bos or "") + render_plain(messages, add_generation_prompt)
+
+    def close(self) -> None:
+        self.sequence.release()
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """A plain completion format for base models that have no chat template."""
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(m["content"] + "\n")
+        elif m["role"] == "user":
+            parts.append(f"User: {m['content']}\n")
+        else:
+            parts.append(f"Assistant:{m['content']}\n")
+    text = "".join(parts)
+    return text + "Assistant:" if add_generation_prompt else text

@@ -1,0 +1,32 @@
+"""The engine's configuration, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmem.kv.budget import parse_budget
+from kvmem.model.registry import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """``kv_budget``: bytes (int), a size string (``"64MiB"``) or None for unlimited.
+
+    ``prefill_chunk``: tokens per prefill forward, so a long prompt's activations stay bounded.
+    """
+
+    model: str = DEFAULT_MODEL
+    kv_budget: int | str | None = None
+    block_size: int = 16
+    prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        parse_budget(self.kv_budget)
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return parse_budget(self.kv_budget)

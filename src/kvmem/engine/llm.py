@@ -1,0 +1,179 @@
+"""``LLM``: generate text while kvmem's pool holds every key and value."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence as Seq
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvmem.engine.config import EngineConfig
+from kvmem.engine.result import GenerationResult, GenerationStats
+from kvmem.engine.sampling import SamplingParams, sample
+from kvmem.engine.sequence import Sequence
+from kvmem.engine.text import StopMatcher
+from kvmem.errors import PromptTooLongError
+from kvmem.kv.pool import KVPool, PoolConfig
+from kvmem.model.loader import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from kvmem.engine.chat import ChatSession
+
+
+class LLM:
+    """A model plus a KV pool under a byte budget.
+
+    ``model`` is an embedded name, a model folder, a ``.gguf`` file, or an already ``LoadedModel``.
+    Requests that cannot fit raise ``KVBudgetError`` before anything is computed; the pool stays usable.
+    """
+
+    def __init__(
+        self,
+        model: str | LoadedModel = "smollm2-135m",
+        kv_budget: int | str | None = None,
+        block_size: int = 16,
+        prefill_chunk: int = 512,
+    ) -> None:
+        name = model if isinstance(model, str) else model.name
+        self.config = EngineConfig(name, kv_budget, block_size, prefill_chunk)
+        self.loaded = load_model(model) if isinstance(model, str) else model
+        self.pool = KVPool(PoolConfig(self.config.budget_bytes, block_size))
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.loaded.tokenizer
+
+    @property
+    def spec(self):  # type: ignore[no-untyped-def]
+        return self.loaded.spec
+
+    def new_sequence(self) -> Sequence:
+        return Sequence(self.loaded.model, self.pool, self.loaded.spec)
+
+    def encode(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompt: str | Seq[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Seq[str] | None = None,
+    ) -> GenerationResult:
+        """Generate a completion of ``prompt`` (text, or token ids used as given)."""
+        events = self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        return _drain(events)
+
+    def stream(
+        self,
+        prompt: str | Seq[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Seq[str] | None = None,
+    ) -> Iterator[str | GenerationResult]:
+        """Yield text pieces as they are generated, then the ``GenerationResult`` last."""
+        sequence = self.new_sequence()
+        sequence.token_ids = self.encode(prompt)
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        try:
+            yield from self.run(sequence, max_new_tokens, params, stop or ())
+        finally:
+            sequence.release()
+
+    def run(
+        self, sequence: Sequence, max_new_tokens: int, params: SamplingParams, stop: Seq[str]
+    ) -> Iterator[str | GenerationResult]:
+        """Prefill the sequence's pending tokens, then decode; yield text pieces and the result.
+
+        The last generated token is appended to ``sequence.token_ids`` but not computed, so a chat
+        turn that follows prefills it together with its own tokens.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        context = self.spec.max_context
+        if context and len(sequence.token_ids) >= context:
+            raise PromptTooLongError(
+                f"the prompt is {len(sequence.token_ids)} tokens but {self.config.model} holds at most "
+                f"{context} tokens of context"
+            )
+        if context:
+            max_new_tokens = min(max_new_tokens, context - len(sequence.token_ids))
+        sequence.reserve(max_new_tokens - 1)
+        prompt_tokens, prefilled = len(sequence.token_ids), sequence.num_pending
+        eos = _eos_ids(self.loaded)
+        generator = None if params.greedy else torch.Generator().manual_seed(params.seed)
+        matcher = StopMatcher(self.tokenizer, stop)
+        start = time.perf_counter()
+        logits = sequence.prefill(self.config.prefill_chunk)
+        prefill_s = time.perf_counter() - start
+        generated: list[int] = []
+        finish, ttft_s, decode_start = "length", 0.0, time.perf_counter()
+        while True:
+            token = sample(logits, params, generator)
+            if not generated:
+                ttft_s = time.perf_counter() - start
+                decode_start = time.perf_counter()
+            generated.append(token)
+            piece = matcher.push(token)
+            if piece:
+                yield piece
+            if token in eos:
+                finish = "eos"
+                break
+            if matcher.stopped:
+                finish = "stop"
+                break
+            if len(generated) >= max_new_tokens:
+                break
+            logits = sequence.step(token)
+        sequence.token_ids.append(token)  # appended, computed by the next prefill if any
+        tail = matcher.flush()
+        if tail:
+            yield tail
+        decode_s = time.perf_counter() - decode_start
+        stats = GenerationStats(
+            prompt_tokens=prompt_tokens,
+            tokens_prefilled=prefilled,
+            new_tokens=len(generated),
+            kv_bytes=sequence.cache.nbytes,
+            kv_tokens=sequence.num_cached,
+            kv_bytes_full=sequence.num_cached * self.spec.kv_bytes_per_token,
+            prefill_s=prefill_s,
+            ttft_s=ttft_s,
+            decode_s=decode_s,
+            decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+        )
+        yield GenerationResult(matcher.text, generated, finish, stats)
+
+    def chat(self, system: str | None = None) -> ChatSession:
+        """A multi-turn conversation whose KV state persists between turns."""
+        from kvmem.engine.chat import ChatSession
+
+        return ChatSession(self, system)
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+
+
+def _drain(events: Iterator[str | GenerationResult]) -> GenerationResult:
+    result = None
+    for event in events:
+        if isinstance(event, GenerationResult):
+            result = event
+    assert result is not None
+    return result

@@ -1,0 +1,46 @@
+"""What a generation returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Measurements of one request. Bytes are the pool bytes the sequence held at its end."""
+
+    prompt_tokens: int  # tokens of this request's input
+    tokens_prefilled: int  # tokens the prefill computed (a chat turn computes only its new part)
+    new_tokens: int
+    kv_bytes: int  # physical bytes of the sequence's KV blocks
+    kv_tokens: int  # tokens of the sequence the cache has seen
+    kv_bytes_full: int  # what a full cache (every layer, every token) would hold
+    prefill_s: float
+    ttft_s: float
+    decode_s: float
+    decode_tokens_per_s: float
+
+    @property
+    def kv_ratio(self) -> float:
+        """Bytes held as a fraction of a full cache (1.0: nothing saved)."""
+        return self.kv_bytes / self.kv_bytes_full if self.kv_bytes_full else 1.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the generated tokens only
+    finish_reason: str  # "eos", "stop", "length" (max_new_tokens or context)
+    stats: GenerationStats
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON of ``kvmem generate --json``."""
+        stats = asdict(self.stats)
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            **stats,
+            "kv_ratio": self.stats.kv_ratio,
+        }

@@ -1,0 +1,76 @@
+"""One sequence's KV state and tokens, and the two forward passes over it: prefill and step."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from kvmem.errors import KVBudgetError
+from kvmem.kv.pool import KVPool
+from kvmem.model.cache import KVMemCache
+from kvmem.model.spec import ModelSpec
+
+
+class Sequence:
+    """Tokens of one conversation or request, and the cache that holds their keys and values.
+
+    ``token_ids`` may run ahead of the cache (tokens appended but not yet computed): the next
+    ``prefill`` computes exactly those. ``release`` gives every block back to the pool.
+    """
+
+    def __init__(self, model: PreTrainedModel, pool: KVPool, spec: ModelSpec) -> None:
+        self.model = model
+        self.pool = pool
+        self.spec = spec
+        self.cache = KVMemCache(pool, spec)
+        self.token_ids: list[int] = []
+
+    @property
+    def num_cached(self) -> int:
+        return self.cache.num_tokens
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_cached
+
+    def reserve(self, extra_tokens: int) -> None:
+        """Raise ``KVBudgetError`` unless the pool can hold the pending tokens plus ``extra_tokens``."""
+        needed = self.cache.bytes_needed(self.num_pending + extra_tokens)
+        free = self.pool.bytes_free
+        if free is not None and needed > free:
+            raise KVBudgetError(
+                needed, free, self.pool.budget, what=f"{self.num_pending + extra_tokens} more tokens"
+            )
+
+    @torch.inference_mode()
+    def prefill(self, chunk_size: int, all_logits: bool = False) -> torch.Tensor:
+        """Compute the pending tokens in chunks; return logits [V] of the last one ([T, V] if all_logits)."""
+        pending = self.token_ids[self.num_cached :]
+        if not pending:
+            raise ValueError("nothing to prefill: every token is already cached")
+        outputs = []
+        for start in range(0, len(pending), chunk_size):
+            chunk = torch.tensor([pending[start : start + chunk_size]], dtype=torch.long)  # [1, q]
+            logits = self._forward(chunk, keep_all=all_logits)  # [1, q or 1, V]
+            if all_logits:
+                outputs.append(logits[0])
+        return torch.cat(outputs) if all_logits else logits[0, -1]
+
+    @torch.inference_mode()
+    def step(self, token_id: int) -> torch.Tensor:
+        """Append one token, compute it, return the next-token logits [V]."""
+        self.token_ids.append(token_id)
+        return self._forward(torch.tensor([[token_id]], dtype=torch.long), keep_all=False)[0, -1]
+
+    def _forward(self, input_ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
+        # input_ids: [1, q] -> logits: [1, q or 1, V]
+        out = self.model(
+            input_ids=input_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=0 if keep_all else 1,
+        )
+        return out.logits.float()
+
+    def release(self) -> None:
+        self.cache.release()

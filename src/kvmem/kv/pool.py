@@ -1,0 +1,98 @@
+"""The KV pool: one tensor per block, allocated on demand under the byte budget.
+
+``BlockManager`` keeps the books; this module owns the tensors. Each block is one layer's keys
+and values for ``block_size`` tokens, stored as one tensor ``[2, H, block_size, D]`` (0 = keys,
+1 = values), so freeing a block really returns its memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvmem.kv.blocks import BlockManager
+from kvmem.kv.budget import parse_budget
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """``budget`` in bytes (None: unlimited); ``block_size`` in tokens."""
+
+    budget: int | None = None
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        parse_budget(self.budget)  # validates: positive int or None
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+
+def block_nbytes(num_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block: keys and values of ``block_size`` tokens for ``num_heads`` heads."""
+    return 2 * num_heads * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class KVPool:
+    """Blocks of KV tensors under a byte budget, shared by every sequence of one model.
+
+    ``allocate`` raises ``KVBudgetError`` (and allocates nothing) when the budget would be exceeded.
+    ``bytes_used`` equals the bytes of the tensors really held (see ``physical_nbytes``).
+    """
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.manager = BlockManager(config.budget)
+        self._tensors: dict[int, torch.Tensor] = {}
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def budget(self) -> int | None:
+        return self.config.budget
+
+    @property
+    def bytes_used(self) -> int:
+        return self.manager.bytes_used
+
+    @property
+    def bytes_free(self) -> int | None:
+        return self.manager.bytes_free
+
+    @property
+    def num_blocks(self) -> int:
+        return self.manager.num_blocks
+
+    def allocate(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+        nbytes = block_nbytes(num_heads, head_dim, self.block_size, dtype)
+        block_id = self.manager.allocate(nbytes)
+        # block: [2, H, block_size, D]
+        self._tensors[block_id] = torch.empty(
+            (2, num_heads, self.block_size, head_dim), dtype=dtype, device=device
+        )
+        return block_id
+
+    def tensor(self, block_id: int) -> torch.Tensor:
+        return self._tensors[block_id]
+
+    def incref(self, block_id: int) -> None:
+        self.manager.incref(block_id)
+
+    def decref(self, block_id: int) -> None:
+        if self.manager.decref(block_id):
+            del self._tensors[block_id]
+
+    def physical_nbytes(self) -> int:
+        """Bytes of the storage behind every held tensor, measured on the tensors themselves."""
+        return sum(t.untyped_storage().nbytes() for t in self._tensors.values())
+
+    def check_integrity(self) -> None:
+        self.manager.check_integrity()
+        assert set(self._tensors) == set(self.manager.live_ids()), "tensors do not match live blocks"
+        for block_id, tensor in self._tensors.items():
+            assert tensor.untyped_storage().nbytes() == self.manager.size_of(block_id), (
+                f"block {block_id} holds a different number of bytes than booked"
+            )
+        assert self.physical_nbytes() == self.bytes_used

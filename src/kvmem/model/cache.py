@@ -1,0 +1,192 @@
+"""kvmem's transformers ``Cache``: every key and value lives in blocks of the ``KVPool``.
+
+This is the public extension point transformers offers (a ``Cache`` made of ``CacheLayerMixin``
+layers), so any decoder that takes ``past_key_values`` works unchanged. Each layer appends the
+new keys/values to its blocks and hands attention the keys/values it needs, gathered from the
+blocks into one transient tensor (transformers' own ``DynamicCache`` copies the same amount at
+every step with ``torch.cat``).
+
+A sliding-window layer keeps only the last ``window - 1`` tokens (plus at most one partly filled
+block), exactly what transformers' ``DynamicSlidingWindowLayer`` keeps: blocks that fall out of
+the window are freed, which is real memory saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvmem.kv.pool import KVPool, block_nbytes
+from kvmem.kv.table import BlockTable
+from kvmem.model.spec import ModelSpec
+
+
+class PagedLayer(CacheLayerMixin):
+    """One layer of one sequence, stored in pool blocks. Batch size 1."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(
+        self, pool: KVPool, num_heads: int, head_dim: int, window: int | None, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.pool = pool
+        self.dtype, self.device = dtype, torch.device("cpu")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.window = window
+        self.is_sliding = window is not None
+        self.table = BlockTable(pool.block_size)
+        self._blocks: list[torch.Tensor] = []  # the block tensors, in table order
+
+    @property
+    def keep(self) -> int | None:
+        """Past tokens a future query may attend to (None: all)."""
+        return None if self.window is None else self.window - 1
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [1, H, q, D]
+        if key_states.shape[0] != 1:
+            raise ValueError("kvmem's cache holds one sequence per cache object (batch size 1)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.keep is None:
+            self._append(key_states[0], value_states[0])
+            keys, values = self.gather()
+            return keys, values
+        # Sliding window: attention sees the last `keep` past tokens plus the new ones.
+        past_k, past_v = self.gather(last=self.keep)
+        self._append(key_states[0], value_states[0])
+        return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: [H, q, D]
+        table, bs = self.table, self.table.block_size
+        plan = table.plan_append(k.shape[1], self.keep)
+        for _ in range(plan.drop_blocks):
+            self.pool.decref(table.block_ids.pop(0))
+            self._blocks.pop(0)
+            table.start += bs
+        table.length += plan.skip_tokens
+        if not table.block_ids:
+            table.start = table.length
+        k, v = k[:, plan.skip_tokens :], v[:, plan.skip_tokens :]
+        written, q = 0, k.shape[1]
+        while written < q:
+            fill = table.last_fill
+            if not table.block_ids or fill == bs:
+                block_id = self.pool.allocate(self.num_heads, self.head_dim, k.dtype, k.device)
+                table.block_ids.append(block_id)
+                self._blocks.append(self.pool.tensor(block_id))
+                fill = 0
+            n = min(bs - fill, q - written)
+            block = self._blocks[-1]  # [2, H, bs, D]
+            block[0, :, fill : fill + n] = k[:, written : written + n]
+            block[1, :, fill : fill + n] = v[:, written : written + n]
+            written += n
+            table.length += n
+
+    def gather(self, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the held tokens (only the ``last`` ones if given): [1, H, T, D] each."""
+        if not self._blocks:
+            empty = torch.empty((1, self.num_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
+            return empty, empty
+        bs, fill = self.table.block_size, self.table.last_fill
+        skip = 0 if last is None else max(0, self.table.num_held - last)
+        first, offset = divmod(skip, bs)
+        blocks = self._blocks[first:]
+        if len(blocks) == 1:
+            keys = blocks[0][0, :, offset:fill]
+            values = blocks[0][1, :, offset:fill]
+        else:
+            keys = torch.cat(
+                [blocks[0][0, :, offset:], *(b[0] for b in blocks[1:-1]), blocks[-1][0, :, :fill]], dim=1
+            )
+            values = torch.cat(
+                [blocks[0][1, :, offset:], *(b[1] for b in blocks[1:-1]), blocks[-1][1, :, :fill]], dim=1
+            )
+        return keys.unsqueeze(0), values.unsqueeze(0)
+
+    def bytes_to_append(self, q: int) -> tuple[int, int]:
+        """(bytes held now, bytes held after appending ``q`` tokens)."""
+        nbytes = block_nbytes(self.num_heads, self.head_dim, self.table.block_size, self.dtype)
+        return len(self.table.block_ids) * nbytes, self.table.plan_append(q, self.keep).blocks_after * nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.pool.manager.size_of(b) for b in self.table.block_ids)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        length = self.table.length
+        if self.window is None:
+            return length + query_length, 0
+        kv_offset = max(length - self.window + 1, 0)
+        kv_length = (self.window - 1 if length >= self.window else length) + query_length
+        return kv_length, kv_offset
+
+    def get_seq_length(self) -> int:
+        return self.table.length
+
+    def get_max_length(self) -> int:
+        return -1 if self.window is None else self.window
+
+    def release(self) -> None:
+        """Give every block back to the pool; the layer is empty afterwards."""
+        for block_id in self.table.block_ids:
+            self.pool.decref(block_id)
+        self.table = BlockTable(self.pool.block_size)
+        self._blocks = []
+
+    def reset(self) -> None:
+        self.release()
+
+
+class KVMemCache(Cache):
+    """A transformers ``Cache`` for one sequence whose keys and values live in a ``KVPool``."""
+
+    def __init__(self, pool: KVPool, spec: ModelSpec) -> None:
+        self.pool = pool
+        self.spec = spec
+        layers = [PagedLayer(pool, spec.num_kv_heads, spec.head_dim, w, spec.dtype) for w in spec.windows]
+        super().__init__(layers=layers)  # type: ignore[arg-type]
+
+    @property
+    def paged_layers(self) -> list[PagedLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the sequence the cache has seen (its length)."""
+        return self.get_seq_length()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pool blocks this sequence holds."""
+        return sum(layer.nbytes for layer in self.paged_layers)
+
+    def bytes_needed(self, q: int) -> int:
+        """Extra bytes the pool must have free to append ``q`` tokens to every layer.
+
+        Layers run in order and a sliding layer frees its expired blocks before it allocates, so
+        the peak is the largest of (layers done: after, layers to come: before) over the forward.
+        """
+        sizes = [layer.bytes_to_append(q) for layer in self.paged_layers]
+        now = sum(before for before, _ in sizes)
+        peak, running = now, now
+        for before, after in sizes:
+            running += after - before
+            peak = max(peak, running)
+        return peak - now
+
+    def release(self) -> None:
+        for layer in self.paged_layers:
+            layer.release()
