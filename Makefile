@@ -22,10 +22,12 @@ demo: $(STAMP)
 	$(BIN)/kvmem demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q --durations=10
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy
 
 clean:

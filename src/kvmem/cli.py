@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
 
     info = sub.add_parser("info", help="architecture, KV heads, bytes of KV per token, context length")
-    info.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})")
+    info.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})"
+    )
 
     demo = sub.add_parser("demo", help="kvmem's main job: a multi-turn chat over a long document")
     _model_args(demo)
@@ -54,14 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})")
-    p.add_argument("--kv-budget", default=None, help="hard cap on KV bytes held, e.g. 64MiB (default unlimited)")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})"
+    )
+    p.add_argument(
+        "--kv-budget", default=None, help="hard cap on KV bytes held, e.g. 64MiB (default unlimited)"
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill forward (default 512)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_new_tokens: int = 128) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=default_new_tokens, help="at most this many new tokens")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=default_new_tokens, help="at most this many new tokens"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
@@ -97,7 +105,8 @@ def _validate(args: argparse.Namespace) -> None:
     model = getattr(args, "model", None)
     if model is not None and model not in EMBEDDED and not Path(model).expanduser().exists():
         raise UsageError(
-            f"unknown model {model!r}: not an embedded model ({', '.join(sorted(EMBEDDED))}), folder or .gguf file"
+            f"unknown model {model!r}: not an embedded model "
+            f"({', '.join(sorted(EMBEDDED))}), folder or .gguf file"
         )
 
 
@@ -113,7 +122,9 @@ def _quiet_transformers() -> None:
 def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from kvmem.engine.llm import LLM
 
-    return LLM(args.model, kv_budget=args.kv_budget, block_size=args.block_size, prefill_chunk=args.prefill_chunk)
+    return LLM(
+        args.model, kv_budget=args.kv_budget, block_size=args.block_size, prefill_chunk=args.prefill_chunk
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -196,13 +207,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = [
         ("model", args.model),
         ("architecture", f"{spec.model_type} ({type(loaded.model).__name__})"),
-        ("layers", f"{spec.num_layers} ({full_layers} full attention, {spec.num_sliding_layers} sliding window)"),
+        (
+            "layers",
+            f"{spec.num_layers} ({full_layers} full attention, {spec.num_sliding_layers} sliding window)",
+        ),
         ("sliding window", ", ".join(map(str, windows)) if windows else "none"),
         ("attention heads", f"{spec.num_heads} query, {spec.num_kv_heads} KV"),
         ("head dim", str(spec.head_dim)),
         ("KV dtype", str(spec.dtype).replace("torch.", "")),
-        ("KV bytes per token (full cache)", f"{spec.kv_bytes_per_token} ({format_bytes(spec.kv_bytes_per_token)})"),
-        ("KV bytes per token past the windows", str(spec.kv_bytes_per_token * full_layers // spec.num_layers)),
+        (
+            "KV bytes per token (full cache)",
+            f"{spec.kv_bytes_per_token} ({format_bytes(spec.kv_bytes_per_token)})",
+        ),
+        (
+            "KV bytes per token past the windows",
+            str(spec.kv_bytes_per_token * full_layers // spec.num_layers),
+        ),
         ("max context", f"{spec.max_context} tokens"),
         ("chat template", "yes" if loaded.has_chat_template else "no (plain User:/Assistant: format)"),
     ]

@@ -24,14 +24,21 @@ def document() -> str:
 def run_demo(llm: LLM, max_new_tokens: int = 48) -> None:
     doc = document()
     spec = llm.spec
-    print(f"kvmem demo — model {llm.config.model}: {spec.num_layers} layers, {spec.num_kv_heads} KV heads, "
-          f"head dim {spec.head_dim}, {format_bytes(spec.kv_bytes_per_token)} of KV per token")
+    print(
+        f"kvmem demo — model {llm.config.model}: {spec.num_layers} layers, {spec.num_kv_heads} KV heads, "
+        f"head dim {spec.head_dim}, {format_bytes(spec.kv_bytes_per_token)} of KV per token"
+    )
     budget = llm.pool.budget
-    print(f"KV budget: {format_bytes(budget) if budget else 'unlimited'}; block size {llm.pool.block_size} tokens")
+    print(
+        f"KV budget: {format_bytes(budget) if budget else 'unlimited'}; "
+        f"block size {llm.pool.block_size} tokens"
+    )
     print(f"document: {len(llm.encode(doc))} tokens ('The History of Larkspur Harbor')\n")
     with llm.chat() as session:
         for turn, question in enumerate(QUESTIONS, start=1):
-            message = f"Read this document and answer.\n\n{doc}\n\nQuestion: {question}" if turn == 1 else question
+            message = (
+                f"Read this document and answer.\n\n{doc}\n\nQuestion: {question}" if turn == 1 else question
+            )
             result = session.send(message, max_new_tokens=max_new_tokens)
             s = result.stats
             print(f"[turn {turn}] Q: {question}")
@@ -43,4 +50,7 @@ def run_demo(llm: LLM, max_new_tokens: int = 48) -> None:
                 f"{s.new_tokens} tokens at {s.decode_tokens_per_s:.1f} tok/s\n"
             )
         held = session.kv_bytes
-    print(f"conversation closed: {format_bytes(held)} of KV freed; pool now holds {format_bytes(llm.pool.bytes_used)}")
+    print(
+        f"conversation closed: {format_bytes(held)} of KV freed; "
+        f"pool now holds {format_bytes(llm.pool.bytes_used)}"
+    )

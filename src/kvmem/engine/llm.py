@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 import torch
@@ -150,7 +151,9 @@ class LLM:
             prefill_s=prefill_s,
             ttft_s=ttft_s,
             decode_s=decode_s,
-            decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+            decode_tokens_per_s=(len(generated) - 1) / decode_s
+            if len(generated) > 1 and decode_s > 0
+            else 0.0,
         )
         yield GenerationResult(matcher.text, generated, finish, stats)
 
@@ -162,9 +165,8 @@ class LLM:
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:
+    """The end-of-sequence ids of the model's generation config, as transformers' generate uses them."""
     eos = loaded.model.generation_config.eos_token_id
-    if eos is None:
-        eos = loaded.tokenizer.eos_token_id
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}

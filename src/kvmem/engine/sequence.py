@@ -35,7 +35,7 @@ class Sequence:
 
     def reserve(self, extra_tokens: int) -> None:
         """Raise ``KVBudgetError`` unless the pool can hold the pending tokens plus ``extra_tokens``."""
-        needed = self.cache.bytes_needed(self.num_pending + extra_tokens)
+        needed = self.cache.bytes_to_grow(self.num_pending + extra_tokens)
         free = self.pool.bytes_free
         if free is not None and needed > free:
             raise KVBudgetError(

@@ -20,7 +20,8 @@ class StopMatcher:
         self.stop = tuple(stop)
         self.stopped = False
         self._ids: list[int] = []
-        self._text = ""
+        self._text = ""  # the text known to be final so far
+        self._decoded = ""  # the latest decode, possibly ending in an incomplete character
         self._emitted = 0
         self._holdback = max((len(s) - 1 for s in self.stop), default=0)
 
@@ -31,7 +32,8 @@ class StopMatcher:
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
         text = self.tokenizer.decode(self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        self._decoded = text
+        if text.endswith("\ufffd"):  # a multi-byte character may not be complete yet
             return ""
         self._text = text
         cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
@@ -46,6 +48,8 @@ class StopMatcher:
 
     def flush(self) -> str:
         """Everything not shown yet (call when generation ends)."""
+        if not self.stopped:
+            self._text = self._decoded
         piece = self._text[self._emitted :]
         self._emitted = len(self._text)
         return piece

@@ -40,7 +40,10 @@ class PagedLayer(CacheLayerMixin):
         self.window = window
         self.is_sliding = window is not None
         self.table = BlockTable(pool.block_size)
-        self._blocks: list[torch.Tensor] = []  # the block tensors, in table order
+        # Views of each block's keys and values ([H, bs, D]), in table order. Kept rather than
+        # re-sliced at every step: making thousands of views per step costs more than the copy.
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
 
     @property
     def keep(self) -> int | None:
@@ -74,7 +77,8 @@ class PagedLayer(CacheLayerMixin):
         plan = table.plan_append(k.shape[1], self.keep)
         for _ in range(plan.drop_blocks):
             self.pool.decref(table.block_ids.pop(0))
-            self._blocks.pop(0)
+            self._keys.pop(0)
+            self._values.pop(0)
             table.start += bs
         table.length += plan.skip_tokens
         if not table.block_ids:
@@ -86,40 +90,48 @@ class PagedLayer(CacheLayerMixin):
             if not table.block_ids or fill == bs:
                 block_id = self.pool.allocate(self.num_heads, self.head_dim, k.dtype, k.device)
                 table.block_ids.append(block_id)
-                self._blocks.append(self.pool.tensor(block_id))
+                block = self.pool.tensor(block_id)  # [2, H, bs, D]
+                self._keys.append(block[0])
+                self._values.append(block[1])
                 fill = 0
             n = min(bs - fill, q - written)
-            block = self._blocks[-1]  # [2, H, bs, D]
-            block[0, :, fill : fill + n] = k[:, written : written + n]
-            block[1, :, fill : fill + n] = v[:, written : written + n]
+            self._keys[-1][:, fill : fill + n] = k[:, written : written + n]
+            self._values[-1][:, fill : fill + n] = v[:, written : written + n]
             written += n
             table.length += n
 
     def gather(self, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the held tokens (only the ``last`` ones if given): [1, H, T, D] each."""
-        if not self._blocks:
+        if not self._keys:
             empty = torch.empty((1, self.num_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
             return empty, empty
         bs, fill = self.table.block_size, self.table.last_fill
         skip = 0 if last is None else max(0, self.table.num_held - last)
         first, offset = divmod(skip, bs)
-        blocks = self._blocks[first:]
-        if len(blocks) == 1:
-            keys = blocks[0][0, :, offset:fill]
-            values = blocks[0][1, :, offset:fill]
-        else:
-            keys = torch.cat(
-                [blocks[0][0, :, offset:], *(b[0] for b in blocks[1:-1]), blocks[-1][0, :, :fill]], dim=1
-            )
-            values = torch.cat(
-                [blocks[0][1, :, offset:], *(b[1] for b in blocks[1:-1]), blocks[-1][1, :, :fill]], dim=1
-            )
+        keys = _concat(self._keys, first, offset, fill)
+        values = _concat(self._values, first, offset, fill)
         return keys.unsqueeze(0), values.unsqueeze(0)
 
+    @property
+    def block_bytes(self) -> int:
+        return block_nbytes(self.num_heads, self.head_dim, self.table.block_size, self.dtype)
+
     def bytes_to_append(self, q: int) -> tuple[int, int]:
-        """(bytes held now, bytes held after appending ``q`` tokens)."""
-        nbytes = block_nbytes(self.num_heads, self.head_dim, self.table.block_size, self.dtype)
-        return len(self.table.block_ids) * nbytes, self.table.plan_append(q, self.keep).blocks_after * nbytes
+        """(bytes held now, bytes held after appending ``q`` tokens in one forward)."""
+        blocks_after = self.table.plan_append(q, self.keep).blocks_after
+        return len(self.table.block_ids) * self.block_bytes, blocks_after * self.block_bytes
+
+    def max_bytes_to_grow(self, n: int) -> int:
+        """Most bytes this layer can hold while ``n`` more tokens arrive, in chunks of any size.
+
+        A full layer holds every token. A sliding layer's first block always still holds a token
+        of the window, so it holds at most ``keep + block_size - 1`` tokens, however they came.
+        """
+        bs = self.table.block_size
+        blocks = -(-(self.table.num_held + n) // bs)
+        if self.keep is not None:
+            blocks = min(blocks, -(-(self.keep + bs - 1) // bs))
+        return max(blocks, len(self.table.block_ids)) * self.block_bytes
 
     @property
     def nbytes(self) -> int:
@@ -144,10 +156,22 @@ class PagedLayer(CacheLayerMixin):
         for block_id in self.table.block_ids:
             self.pool.decref(block_id)
         self.table = BlockTable(self.pool.block_size)
-        self._blocks = []
+        self._keys, self._values = [], []
 
     def reset(self) -> None:
         self.release()
+
+
+def _concat(views: list[torch.Tensor], first: int, offset: int, fill: int) -> torch.Tensor:
+    """Tokens from slot ``offset`` of block ``first`` to slot ``fill`` of the last block: [H, T, D].
+
+    Whole blocks are concatenated and the result sliced: ``torch.cat`` has a fast path only when
+    every input is contiguous, and a partly filled block's slice is not.
+    """
+    parts = views[first:]
+    bs = parts[0].shape[1]
+    whole = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [H, n * bs, D]
+    return whole[:, offset : (len(parts) - 1) * bs + fill]
 
 
 class KVMemCache(Cache):
@@ -186,6 +210,10 @@ class KVMemCache(Cache):
             running += after - before
             peak = max(peak, running)
         return peak - now
+
+    def bytes_to_grow(self, n: int) -> int:
+        """Extra bytes that always suffice for ``n`` more tokens, whatever the chunking."""
+        return sum(layer.max_bytes_to_grow(n) for layer in self.paged_layers) - self.nbytes
 
     def release(self) -> None:
         for layer in self.paged_layers:

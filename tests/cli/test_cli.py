@@ -1,0 +1,109 @@
+"""The CLI contract: JSON keys, exit code 2 with one line on stderr for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmem.model.loader import LoadedModel
+from tiny_models import save_folder
+
+JSON_KEYS = {"text", "token_ids", "kv_bytes", "kv_tokens", "prefill_s", "ttft_s", "decode_tokens_per_s"}
+
+
+def kvmem(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "kvmem.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory, llama: LoadedModel) -> str:
+    return str(save_folder(llama, tmp_path_factory.mktemp("cli") / "tiny-llama"))
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--prompt", "hi", "--kv-budget", "-5"], "invalid KV budget"),
+        (["generate", "--prompt", "hi", "--kv-budget", "lots"], "invalid KV budget"),
+        (["generate", "--prompt-file", "/no/such/file.txt"], "prompt file not found"),
+        (["generate", "--prompt", "hi", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["info", "--model", "/no/such/model.gguf"], "unknown model"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
+    assert_usage_error(kvmem(*args), message)
+
+
+def test_prompt_too_long(tiny_folder: str, tmp_path: Path) -> None:
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("word " * 400)  # > 256 tokens of context
+    assert_usage_error(
+        kvmem("generate", "--model", tiny_folder, "--prompt-file", str(prompt)), "tokens of context"
+    )
+
+
+def test_budget_too_small(tiny_folder: str) -> None:
+    proc = kvmem("generate", "--model", tiny_folder, "--prompt", "hello", "--kv-budget", "1KiB")
+    assert_usage_error(proc, "KV budget exceeded")
+
+
+def test_generate_json(tiny_folder: str) -> None:
+    proc = kvmem("generate", "--model", tiny_folder, "--prompt", "hello", "--max-new-tokens", "7", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert JSON_KEYS <= set(result)
+    assert len(result["token_ids"]) == 7
+    assert result["kv_tokens"] == 5 + 6  # prompt bytes + computed new tokens
+    assert result["kv_bytes"] > 0
+
+
+def test_generate_streams_text_and_stats(tiny_folder: str) -> None:
+    proc = kvmem("generate", "--model", tiny_folder, "--prompt", "hello", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert "[kv:" in proc.stderr and "tok/s" in proc.stderr
+
+
+def test_chat_reads_turns_and_reports_kv(tiny_folder: str) -> None:
+    proc = kvmem("chat", "--model", tiny_folder, "--max-new-tokens", "4", stdin="hi\nagain\n/quit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("[kv:") == 2
+
+
+def test_info(tiny_folder: str) -> None:
+    proc = kvmem("info", "--model", tiny_folder)
+    assert proc.returncode == 0, proc.stderr
+    assert "KV bytes per token (full cache)" in proc.stdout and str(2 * 2 * 2 * 16 * 4) in proc.stdout
+
+
+def test_help_explains() -> None:
+    proc = kvmem("generate", "--help")
+    assert proc.returncode == 0
+    assert "--kv-budget" in proc.stdout and "--json" in proc.stdout
+
+
+@pytest.mark.real
+def test_generate_json_on_the_default_model() -> None:
+    proc = kvmem("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert JSON_KEYS <= set(result)
+    assert result["text"].strip().startswith("Paris")
