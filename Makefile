@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kvmem demo
+	$(BIN)/kvmem demo --kv-budget 64MiB
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--block-size", type=int, default=16, help="kvmem's tokens per block")
+    parser.add_argument("--block-size", type=int, default=64, help="kvmem's tokens per block")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kvmem.errors import KVMemError, format_bytes
 from kvmem.kv.budget import parse_budget
+from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
 
 EXIT_USAGE = 2
@@ -62,7 +63,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-budget", default=None, help="hard cap on KV bytes held, e.g. 64MiB (default unlimited)"
     )
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE})",
+    )
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill forward (default 512)")
 
 

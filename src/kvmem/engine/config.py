@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmem.kv.budget import parse_budget
+from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL
 
 
@@ -17,7 +18,7 @@ class EngineConfig:
 
     model: str = DEFAULT_MODEL
     kv_budget: int | str | None = None
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     prefill_chunk: int = 512
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ from kvmem.engine.sampling import SamplingParams, sample
 from kvmem.engine.sequence import Sequence
 from kvmem.engine.text import StopMatcher
 from kvmem.errors import PromptTooLongError
-from kvmem.kv.pool import KVPool, PoolConfig
+from kvmem.kv.pool import DEFAULT_BLOCK_SIZE, KVPool, PoolConfig
 from kvmem.model.loader import LoadedModel, load_model
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class LLM:
         self,
         model: str | LoadedModel = "smollm2-135m",
         kv_budget: int | str | None = None,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         prefill_chunk: int = 512,
     ) -> None:
         name = model if isinstance(model, str) else model.name
