@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmem.errors import KVMemError, format_bytes
+from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
 from kvmem.kv.budget import parse_budget
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
@@ -193,12 +193,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("[conversation reset; KV blocks freed]", file=sys.stderr)
             continue
         print("assistant> " if interactive else "", end="", flush=True)
-        for event in session.stream(message, args.max_new_tokens, **sampling):
-            if isinstance(event, GenerationResult):
-                print(flush=True)
-                print(describe(event) + f" pool: {format_bytes(llm.pool.bytes_used)}", file=sys.stderr)
-            else:
-                print(event, end="", flush=True)
+        try:
+            for event in session.stream(message, args.max_new_tokens, **sampling):
+                if isinstance(event, GenerationResult):
+                    print(flush=True)
+                    print(describe(event) + f" pool: {format_bytes(llm.pool.bytes_used)}", file=sys.stderr)
+                else:
+                    print(event, end="", flush=True)
+        except (KVBudgetError, PromptTooLongError) as exc:  # the turn is refused; the chat goes on
+            print(f"\nkvmem: error: {exc}", file=sys.stderr)
     session.close()
     return 0
 

@@ -53,3 +53,19 @@ def test_plain_format_text(gemma: LoadedModel) -> None:
     assert text.startswith("Be brief.\nUser: Hello\nAssistant:")
     assert text.endswith("\nUser: Bye\nAssistant:")
     assert llm.pool.bytes_used == 0
+
+
+def test_refused_turn_leaves_the_session_usable(llama: LoadedModel) -> None:
+    from kvmem.errors import KVBudgetError
+
+    llm = LLM(llama, kv_budget="48KiB", block_size=4)
+    with llm.chat() as session:
+        first = session.send("Hi", max_new_tokens=4)
+        tokens, messages = list(session.sequence.token_ids), list(session.messages)
+        with pytest.raises(KVBudgetError):
+            session.send("x" * 150, max_new_tokens=4)
+        assert session.sequence.token_ids == tokens and session.messages == messages
+        second = session.send("Ok", max_new_tokens=4)
+        assert second.stats.prompt_tokens > first.stats.prompt_tokens
+        assert llm.pool.bytes_used <= 48 * 1024
+    llm.pool.check_integrity()

@@ -56,6 +56,7 @@ class ChatSession:
         # rewrites earlier turns, append this turn as the template frames it.
         new_text = full[len(held) :] if full.startswith(held) else full[len(self.render(before, False)) :]
         new_ids = self.llm.tokenizer(new_text, add_special_tokens=False)["input_ids"]
+        held_tokens = len(self.sequence.token_ids)
         self.sequence.token_ids.extend(int(t) for t in new_ids)
         params = SamplingParams(**sampling)  # type: ignore[arg-type]
         stop = () if self.has_template else (PLAIN_STOP,)
@@ -66,7 +67,11 @@ class ChatSession:
                     result = event
                 yield event
         except BaseException:
+            # A turn refused before computing anything (budget, context) leaves the session as it
+            # was, so the conversation can go on; one that failed midway cannot be rolled back.
             self.messages = before
+            if self.sequence.num_cached <= held_tokens:
+                del self.sequence.token_ids[held_tokens:]
             raise
         assert result is not None
         self.messages.append({"role": "assistant", "content": result.text})
