@@ -107,3 +107,11 @@ def test_generate_json_on_the_default_model() -> None:
     result = json.loads(proc.stdout)
     assert JSON_KEYS <= set(result)
     assert result["text"].strip().startswith("Paris")
+
+
+def test_chat_goes_on_after_a_refused_turn(tiny_folder: str) -> None:
+    turns = "hi\n" + "x" * 150 + "\nok\n"
+    proc = kvmem("chat", "--model", tiny_folder, "--max-new-tokens", "4", "--kv-budget", "48KiB", stdin=turns)
+    assert proc.returncode == 0, proc.stderr
+    assert "KV budget exceeded" in proc.stderr
+    assert proc.stderr.count("[kv:") == 2
