@@ -5,6 +5,7 @@ import torch
 
 from kvmem.engine.llm import LLM
 from kvmem.engine.result import GenerationResult
+from kvmem.engine.sampling import SamplingParams
 from kvmem.errors import KVBudgetError, PromptTooLongError
 from kvmem.model.loader import LoadedModel
 
@@ -32,9 +33,7 @@ def test_stats_report_the_bytes_really_held(tiny: LoadedModel) -> None:
     llm = LLM(tiny, block_size=4)
     sequence = llm.new_sequence()
     sequence.token_ids = llm.encode(PROMPT)
-    events = list(
-        llm.run(sequence, 10, __import__("kvmem.engine.sampling").engine.sampling.SamplingParams(), ())
-    )
+    events = list(llm.run(sequence, 10, SamplingParams(), ()))
     result = events[-1]
     assert isinstance(result, GenerationResult)
     assert result.stats.kv_bytes == sequence.cache.nbytes == llm.pool.physical_nbytes()

@@ -49,8 +49,10 @@ class ChatSession:
         before = list(self.messages)
         self.messages.append({"role": "user", "content": message})
         full = self.render(self.messages, add_generation_prompt=True)
-        held = self.llm.tokenizer.decode(
-            self.sequence.token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        held = str(
+            self.llm.tokenizer.decode(
+                self.sequence.token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
         )
         # Normally the conversation so far is exactly what the sequence holds; if the template
         # rewrites earlier turns, append this turn as the template frames it.

@@ -8,6 +8,7 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from kvmem.engine.config import EngineConfig
 from kvmem.engine.result import GenerationResult, GenerationStats
@@ -17,6 +18,7 @@ from kvmem.engine.text import StopMatcher
 from kvmem.errors import PromptTooLongError
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE, KVPool, PoolConfig
 from kvmem.model.loader import LoadedModel, load_model
+from kvmem.model.spec import ModelSpec
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
@@ -42,11 +44,11 @@ class LLM:
         self.pool = KVPool(PoolConfig(self.config.budget_bytes, block_size))
 
     @property
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.loaded.tokenizer
 
     @property
-    def spec(self):  # type: ignore[no-untyped-def]
+    def spec(self) -> ModelSpec:
         return self.loaded.spec
 
     def new_sequence(self) -> Sequence:
