@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
-from kvmem.kv.budget import parse_budget
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
 
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a Hugging Face decoder with its KV cache in a paged pool under a hard byte budget.",
         epilog="Embedded models: "
         + "; ".join(f"{m.name} ({m.description})" for m in EMBEDDED.values())
-        + ". Budgets: 64MiB, 512MB, 1GiB, a number of bytes, or 'unlimited'.",
+        + ". Budgets: 64MiB, 512MB, 1GiB, a number of bytes, or 'unlimited'; "
+        "with --policy also 25% or 512tok.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})"
     )
 
+    sub.add_parser("policies", help="list the compression policies, one line each")
+
     demo = sub.add_parser("demo", help="kvmem's main job: a multi-turn chat over a long document")
     _model_args(demo)
     demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
@@ -61,7 +64,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})"
     )
     p.add_argument(
-        "--kv-budget", default=None, help="hard cap on KV bytes held, e.g. 64MiB (default unlimited)"
+        "--kv-budget",
+        default=None,
+        help="KV cache budget: bytes (64MiB, a hard cap), or with --policy also a share (25%%) or tokens "
+        "per layer (512tok); default unlimited",
+    )
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="compression policy that keeps the cache within --kv-budget (see `kvmem policies`); "
+        "default none: a request that does not fit is refused",
     )
     p.add_argument(
         "--block-size",
@@ -98,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _validate(args: argparse.Namespace) -> None:
     """Check what can be checked before a model is loaded."""
     if hasattr(args, "kv_budget"):
-        parse_budget(args.kv_budget)
+        EngineConfig(kv_budget=args.kv_budget, policy=args.policy)  # validates budget and policy
     for name in ("max_new_tokens", "block_size", "prefill_chunk"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -129,7 +141,11 @@ def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from kvmem.engine.llm import LLM
 
     return LLM(
-        args.model, kv_budget=args.kv_budget, block_size=args.block_size, prefill_chunk=args.prefill_chunk
+        args.model,
+        kv_budget=args.kv_budget,
+        block_size=args.block_size,
+        prefill_chunk=args.prefill_chunk,
+        policy=args.policy,
     )
 
 
@@ -241,6 +257,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policies(args: argparse.Namespace) -> int:
+    from kvmem.compress.registry import describe_policies
+
+    rows = describe_policies()
+    width = max(len(name) for name, _ in rows)
+    for name, summary in rows:
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvmem.demo import run_demo
 
@@ -248,7 +274,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "policies": cmd_policies,
+    "demo": cmd_demo,
+}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -115,3 +115,33 @@ def test_chat_goes_on_after_a_refused_turn(tiny_folder: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "KV budget exceeded" in proc.stderr
     assert proc.stderr.count("[kv:") == 2
+
+
+def test_policies_lists_every_registered_policy() -> None:
+    from kvmem.compress.registry import SCORERS
+
+    proc = kvmem("policies")
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split()[0] for line in proc.stdout.strip().splitlines()]
+    assert names == list(SCORERS)
+
+
+def test_generate_with_a_policy_stays_within_the_budget(tiny_folder: str) -> None:
+    args = ["generate", "--model", tiny_folder, "--prompt", "hello " * 30, "--max-new-tokens", "60"]
+    proc = kvmem(*args, "--policy", "snapkv", "--kv-budget", "16KiB", "--block-size", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["kv_bytes"] <= 16 * 1024 and result["kv_ratio"] < 0.5
+    assert len(result["token_ids"]) == 60
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--kv-budget", "25%"], "needs a compression policy"),
+        (["--policy", "nope"], "unknown policy 'nope'"),
+        (["--policy", "h2o", "--kv-budget", "150%"], "percentage must be in"),
+    ],
+)
+def test_bad_policy_input_exits_2(args: list[str], message: str) -> None:
+    assert_usage_error(kvmem("generate", "--prompt", "hi", *args), message)

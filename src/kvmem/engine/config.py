@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmem.kv.budget import parse_budget
+from kvmem.compress.budget import KVBudget
+from kvmem.compress.registry import make_scorer
+from kvmem.errors import InvalidBudgetError
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL
 
@@ -18,16 +20,24 @@ class EngineConfig:
 
     model: str = DEFAULT_MODEL
     kv_budget: int | str | None = None
+    policy: str | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
-        parse_budget(self.kv_budget)
+        budget = KVBudget.parse(self.kv_budget)
+        if self.policy is None and (budget.fraction is not None or budget.tokens is not None):
+            raise InvalidBudgetError(
+                f"a KV budget of {self.kv_budget!r} needs a compression policy (--policy); "
+                "without one give bytes, such as 64MiB"
+            )
+        if self.policy is not None:
+            make_scorer(self.policy)  # raises UnknownPolicyError
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
 
     @property
-    def budget_bytes(self) -> int | None:
-        return parse_budget(self.kv_budget)
+    def budget(self) -> KVBudget:
+        return KVBudget.parse(self.kv_budget)

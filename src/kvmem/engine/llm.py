@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from kvmem.compress.observe import register as register_attention
+from kvmem.compress.policy import Policy
+from kvmem.compress.registry import make_scorer
 from kvmem.engine.config import EngineConfig
 from kvmem.engine.result import GenerationResult, GenerationStats
 from kvmem.engine.sampling import SamplingParams, sample
@@ -37,11 +40,17 @@ class LLM:
         kv_budget: int | str | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         prefill_chunk: int = 512,
+        policy: str | None = None,
     ) -> None:
         name = model if isinstance(model, str) else model.name
-        self.config = EngineConfig(name, kv_budget, block_size, prefill_chunk)
+        self.config = EngineConfig(name, kv_budget, policy, block_size, prefill_chunk)
+        budget = self.config.budget
         self.loaded = load_model(model) if isinstance(model, str) else model
-        self.pool = KVPool(PoolConfig(self.config.budget_bytes, block_size))
+        self.pool = KVPool(PoolConfig(budget.bytes, block_size))
+        self.policy = None if policy is None else Policy(make_scorer(policy), budget)
+        if self.policy is not None and (self.policy.scorer.query_window or self.policy.scorer.accumulates):
+            # scorers that need queries see them through kvmem's registered attention function
+            self.loaded.model.set_attn_implementation(register_attention())
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -52,7 +61,7 @@ class LLM:
         return self.loaded.spec
 
     def new_sequence(self) -> Sequence:
-        return Sequence(self.loaded.model, self.pool, self.loaded.spec)
+        return Sequence(self.loaded.model, self.pool, self.loaded.spec, self.policy)
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from kvmem.compress.observe import Observer
+from kvmem.compress.policy import Policy
 from kvmem.errors import KVBudgetError
 from kvmem.kv.pool import KVPool
 from kvmem.model.cache import KVMemCache
@@ -18,12 +20,21 @@ class Sequence:
     ``prefill`` computes exactly those. ``release`` gives every block back to the pool.
     """
 
-    def __init__(self, model: PreTrainedModel, pool: KVPool, spec: ModelSpec) -> None:
+    def __init__(
+        self, model: PreTrainedModel, pool: KVPool, spec: ModelSpec, policy: Policy | None = None
+    ) -> None:
         self.model = model
         self.pool = pool
         self.spec = spec
+        self.policy = policy
         self.cache = KVMemCache(pool, spec)
         self.token_ids: list[int] = []
+        scorer = policy.scorer if policy is not None else None
+        self.observer = (
+            Observer(self.cache, scorer.query_window, scorer.accumulates)
+            if scorer is not None and (scorer.query_window or scorer.accumulates)
+            else None
+        )
 
     @property
     def num_cached(self) -> int:
@@ -34,7 +45,13 @@ class Sequence:
         return len(self.token_ids) - self.num_cached
 
     def reserve(self, extra_tokens: int) -> None:
-        """Raise ``KVBudgetError`` unless the pool can hold the pending tokens plus ``extra_tokens``."""
+        """Raise ``KVBudgetError`` unless the pool can hold the pending tokens plus ``extra_tokens``.
+
+        With a compression policy the policy keeps the cache within the budget instead.
+        """
+        if self.policy is not None:
+            self.policy.capacity(self.cache)  # raises if the budget cannot hold even a minimal cache
+            return
         needed = self.cache.bytes_to_grow(self.num_pending + extra_tokens)
         free = self.pool.bytes_free
         if free is not None and needed > free:
@@ -48,6 +65,8 @@ class Sequence:
         pending = self.token_ids[self.num_cached :]
         if not pending:
             raise ValueError("nothing to prefill: every token is already cached")
+        if self.policy is not None:
+            chunk_size = min(chunk_size, self.policy.max_chunk(self.cache) or chunk_size)
         outputs = []
         for start in range(0, len(pending), chunk_size):
             chunk = torch.tensor([pending[start : start + chunk_size]], dtype=torch.long)  # [1, q]
@@ -64,12 +83,18 @@ class Sequence:
 
     def _forward(self, input_ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
         # input_ids: [1, q] -> logits: [1, q or 1, V]
+        if self.policy is not None:
+            self.policy.before_forward(self.cache, input_ids.shape[1])
+        extra = {} if self.observer is None else {"kvmem_observer": self.observer}
         out = self.model(
             input_ids=input_ids,
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=0 if keep_all else 1,
+            **extra,
         )
+        if self.policy is not None:
+            self.policy.after_forward(self.cache)
         return out.logits.float()
 
     def release(self) -> None:

@@ -2,7 +2,8 @@
 
 Tokens ``[start, length)`` of the sequence are held, packed from slot 0 of the first block; only
 the last block may be partly filled. ``start`` moves forward when a sliding-window layer drops
-blocks that fell out of its window.
+blocks that fell out of its window. After a compression policy evicts tokens, the layer holds a
+subset of the positions seen, in position order, and ``start = length - held``.
 """
 
 from __future__ import annotations

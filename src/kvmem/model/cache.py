@@ -30,10 +30,18 @@ class PagedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, pool: KVPool, num_heads: int, head_dim: int, window: int | None, dtype: torch.dtype
+        self,
+        pool: KVPool,
+        num_heads: int,
+        head_dim: int,
+        window: int | None,
+        dtype: torch.dtype,
+        layer_idx: int = 0,
     ) -> None:
         super().__init__()
         self.pool = pool
+        self.layer_idx = layer_idx
+        self.scaling: float | None = None  # the attention's softmax scale, once observed
         self.dtype, self.device = dtype, torch.device("cpu")
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -44,6 +52,9 @@ class PagedLayer(CacheLayerMixin):
         # re-sliced at every step: making thousands of views per step costs more than the copy.
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
+        # Statistics kept for compression scorers (see kvmem.compress.observe).
+        self.recent_queries: torch.Tensor | None = None  # [Hq, w, D]
+        self.attention: torch.Tensor | None = None  # [H, held]
 
     @property
     def keep(self) -> int | None:
@@ -137,10 +148,38 @@ class PagedLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(self.pool.manager.size_of(b) for b in self.table.block_ids)
 
+    @torch.inference_mode()
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep only the slots ``keep`` ([H, k], ascending per head) and free the blocks left over.
+
+        Each head may keep different tokens: slot ``j`` of head ``h`` becomes ``keep[h, j]``. The
+        kept keys and values move to the front of the layer's own blocks, so no block is
+        allocated; the emptied blocks go back to the pool. Only full-attention layers compact.
+        """
+        assert self.window is None, "sliding-window layers are bounded by their window"
+        heads, k = keep.shape
+        keys, values = self.gather()  # [1, H, T, D]
+        index = keep.unsqueeze(-1).expand(heads, k, self.head_dim)
+        kept_k = keys[0].gather(1, index)  # [H, k, D]
+        kept_v = values[0].gather(1, index)
+        bs, table = self.table.block_size, self.table
+        needed = -(-k // bs)
+        for i in range(needed):
+            n = min(bs, k - i * bs)
+            self._keys[i][:, :n] = kept_k[:, i * bs : i * bs + n]
+            self._values[i][:, :n] = kept_v[:, i * bs : i * bs + n]
+        for block_id in table.block_ids[needed:]:
+            self.pool.decref(block_id)
+        del table.block_ids[needed:], self._keys[needed:], self._values[needed:]
+        table.start = table.length - k  # held tokens: the last k of the sequence's positions
+        if self.attention is not None:
+            self.attention = self.attention.gather(1, keep)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         length = self.table.length
         if self.window is None:
-            return length + query_length, 0
+            # after compaction the held keys stand for earlier positions: all visible to new queries
+            return self.table.num_held + query_length, self.table.start
         kv_offset = max(length - self.window + 1, 0)
         kv_length = (self.window - 1 if length >= self.window else length) + query_length
         return kv_length, kv_offset
@@ -157,6 +196,7 @@ class PagedLayer(CacheLayerMixin):
             self.pool.decref(block_id)
         self.table = BlockTable(self.pool.block_size)
         self._keys, self._values = [], []
+        self.recent_queries = self.attention = None
 
     def reset(self) -> None:
         self.release()
@@ -180,7 +220,10 @@ class KVMemCache(Cache):
     def __init__(self, pool: KVPool, spec: ModelSpec) -> None:
         self.pool = pool
         self.spec = spec
-        layers = [PagedLayer(pool, spec.num_kv_heads, spec.head_dim, w, spec.dtype) for w in spec.windows]
+        layers = [
+            PagedLayer(pool, spec.num_kv_heads, spec.head_dim, w, spec.dtype, i)
+            for i, w in enumerate(spec.windows)
+        ]
         super().__init__(layers=layers)  # type: ignore[arg-type]
 
     @property

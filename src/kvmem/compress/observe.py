@@ -1,0 +1,79 @@
+"""Attention statistics for scorers, taken through transformers' public ``AttentionInterface``.
+
+``kvmem_sdpa`` is transformers' SDPA attention plus one thing: when the forward call carries a
+``kvmem_observer`` keyword (transformers passes model keywords down to the attention function),
+the observer sees each layer's queries and keys. Without it, it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+ATTENTION_NAME = "kvmem_sdpa"
+
+
+class Observer:
+    """Keeps, per layer, the recent queries and the attention each held token has received."""
+
+    def __init__(self, cache: Any, query_window: int, accumulate: bool) -> None:
+        self.cache = cache
+        self.query_window = query_window
+        self.accumulate = accumulate
+
+    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        # query: [1, Hq, q, D]; key: [1, H, T, D] (held + new, as attention sees them)
+        layer = self.cache.layers[layer_idx]
+        if layer.window is not None:  # sliding layers are bounded by their window already
+            return
+        layer.scaling = scaling
+        q = query[0].detach()
+        if self.query_window:
+            old = layer.recent_queries
+            joined = q if old is None else torch.cat([old, q], dim=1)
+            layer.recent_queries = joined[:, -self.query_window :]
+        if self.accumulate:
+            layer.attention = _accumulate(layer.attention, q, key[0], scaling)
+
+
+def _accumulate(
+    old: torch.Tensor | None, q: torch.Tensor, keys: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Add the attention of the new queries (causal among themselves) to each token's total: [H, T]."""
+    heads, t = keys.shape[0], keys.shape[1]
+    n = q.shape[1]
+    groups = q.shape[0] // heads
+    logits = (q.reshape(heads, groups * n, -1) @ keys.transpose(1, 2)).float() * scaling
+    logits = logits.reshape(heads, groups, n, t)
+    later = torch.arange(t).view(1, t) > (t - n + torch.arange(n)).view(n, 1)  # [n, T]
+    received = torch.softmax(logits.masked_fill(later, float("-inf")), dim=-1).sum(dim=2).mean(dim=1)
+    if old is not None:
+        received[:, : old.shape[1]] += old
+    return received
+
+
+def kvmem_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    observer = kwargs.pop("kvmem_observer", None)
+    if observer is not None:
+        head_dim = query.shape[-1]
+        observer.observe(module.layer_idx, query, key, scaling if scaling is not None else head_dim**-0.5)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def register() -> str:
+    """Register ``kvmem_sdpa`` (idempotent) and return its name."""
+    AttentionInterface.register(ATTENTION_NAME, kvmem_sdpa)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME

@@ -1,0 +1,98 @@
+"""A compression policy: a scorer, applied under a budget, before and after each forward.
+
+- Byte budgets (and token budgets) give every full-attention layer a fixed capacity ``C``.
+  Before a forward of ``q`` tokens, a layer that would exceed ``C`` evicts down to ``C - q``
+  (a block's worth more, so decoding compacts once per block, not once per token). The pool
+  therefore never holds more than the budget, at prefill or during decoding.
+- Fraction budgets keep at most that share of the tokens seen, checked after each forward.
+
+Sliding-window layers are never compressed: their window already bounds them. Eviction is
+physical: kept tokens move to the front of the layer's blocks and the rest are freed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvmem.compress.budget import KVBudget
+from kvmem.compress.scorer import ScoreInputs, Scorer
+from kvmem.errors import KVBudgetError
+from kvmem.model.cache import KVMemCache, PagedLayer
+
+
+@dataclass(frozen=True)
+class Policy:
+    scorer: Scorer
+    budget: KVBudget
+
+    @property
+    def name(self) -> str:
+        return self.scorer.name
+
+    def capacity(self, cache: KVMemCache) -> int | None:
+        """Tokens each full-attention layer may hold at most (None: set by a fraction, or unlimited)."""
+        if self.budget.tokens is not None:
+            return self.budget.tokens
+        if self.budget.bytes is None:
+            return None
+        full = [layer for layer in cache.paged_layers if layer.window is None]
+        sliding = [layer for layer in cache.paged_layers if layer.window is not None]
+        room = self.budget.bytes - sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding)
+        per_block = sum(layer.block_bytes for layer in full)
+        blocks = room // per_block if per_block else 0
+        if blocks < 1:
+            minimum = sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding) + 2 * per_block
+            raise KVBudgetError(minimum, self.budget.bytes, self.budget.bytes, what=f"policy {self.name}")
+        return int(blocks * cache.pool.block_size)
+
+    def max_chunk(self, cache: KVMemCache) -> int | None:
+        """The largest forward the policy can make room for (half the capacity)."""
+        capacity = self.capacity(cache)
+        return None if capacity is None else max(1, capacity // 2)
+
+    def before_forward(self, cache: KVMemCache, q: int) -> None:
+        capacity = self.capacity(cache)
+        if capacity is None:
+            return
+        if q > capacity:
+            raise ValueError(f"a forward of {q} tokens cannot fit a capacity of {capacity} tokens per layer")
+        slack = max(1, min(cache.pool.block_size, capacity // 4))
+        for layer in _compressible(cache):
+            if layer.table.num_held + q > capacity:
+                self.evict(layer, max(capacity - max(q, slack), 1))
+
+    def after_forward(self, cache: KVMemCache) -> None:
+        if self.budget.fraction is None:
+            return
+        for layer in _compressible(cache):
+            target = max(1, math.ceil(self.budget.fraction * layer.table.length))
+            # hysteresis: compact once a block's worth is over, not at every token
+            if layer.table.num_held >= target + min(cache.pool.block_size, max(1, target // 4)):
+                self.evict(layer, target)
+
+    def evict(self, layer: PagedLayer, keep: int) -> None:
+        """Keep the ``keep`` best-scored tokens of each head of ``layer``; free the rest."""
+        held = layer.table.num_held
+        if keep >= held:
+            return
+        keys, values = layer.gather()
+        scores = self.scorer.score(
+            ScoreInputs(
+                keys=keys[0],
+                values=values[0],
+                queries=layer.recent_queries,
+                attention=layer.attention,
+                scaling=layer.head_dim**-0.5 if layer.scaling is None else layer.scaling,
+                keep=keep,
+                layer_idx=layer.layer_idx,
+            )
+        )
+        chosen = torch.topk(scores, keep, dim=-1).indices.sort(dim=-1).values  # [H, keep]
+        layer.compact(chosen)
+
+
+def _compressible(cache: KVMemCache) -> list[PagedLayer]:
+    return [layer for layer in cache.paged_layers if layer.window is None]

@@ -1,0 +1,67 @@
+"""The scorer contract: which held tokens matter most, per KV head. Higher scores are kept."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a scorer may look at for one layer. Slots are in position order within each head."""
+
+    keys: torch.Tensor  # [H, T, D] held keys (RoPE applied)
+    values: torch.Tensor  # [H, T, D]
+    queries: torch.Tensor | None  # [Hq, w, D] the most recent queries, if the scorer asked for them
+    attention: torch.Tensor | None  # [H, T] attention accumulated since each token arrived
+    scaling: float
+    keep: int  # how many slots per head will be kept
+    layer_idx: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+
+class Scorer(ABC):
+    """Scores the held tokens of one layer. Does not modify the cache; always safe to call.
+
+    ``query_window > 0`` asks the engine to remember that many recent queries per layer;
+    ``accumulates`` asks it to add up, for every held token, the attention it receives.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    query_window: ClassVar[int] = 0
+    accumulates: ClassVar[bool] = False
+
+    @abstractmethod
+    def score(self, x: ScoreInputs) -> torch.Tensor:
+        """Scores [H, T]; the ``keep`` highest of each head stay. ``inf`` forces a token to stay."""
+
+
+def recent_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention of the recent queries over the held keys, per KV head: [H, w, T].
+
+    Query ``i`` of ``w`` sits at the position of key ``T - w + i`` and sees no later key. Query
+    heads of a GQA group are averaged onto their KV head.
+    """
+    heads, w, t = keys.shape[0], queries.shape[1], keys.shape[1]
+    groups = queries.shape[0] // heads
+    q = queries.reshape(heads, groups * w, -1)  # [H, G*w, D]
+    logits = (q @ keys.transpose(1, 2)).float() * scaling  # [H, G*w, T]
+    logits = logits.reshape(heads, groups, w, t)
+    later = torch.arange(t).view(1, t) > (t - w + torch.arange(w)).view(w, 1)  # [w, T]
+    logits = logits.masked_fill(later, float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=1)  # [H, w, T]
+
+
+def protect_last(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Force the last ``n`` slots of every head to stay."""
+    if n > 0:
+        scores = scores.clone()
+        scores[:, -n:] = float("inf")
+    return scores

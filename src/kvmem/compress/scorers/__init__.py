@@ -1,0 +1,1 @@
+"""One module per eviction method; ``kvmem.compress.registry`` lists them."""

@@ -1,0 +1,128 @@
+"""One matrix over every registered policy: budgets hold, bytes are real, 100% changes nothing."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvmem.compress.budget import KVBudget
+from kvmem.compress.registry import SCORERS, UnknownPolicyError
+from kvmem.engine.llm import LLM
+from kvmem.engine.sampling import SamplingParams, sample
+from kvmem.errors import InvalidBudgetError, KVBudgetError
+from kvmem.model.loader import LoadedModel
+
+POLICIES = sorted(SCORERS)
+PROMPT = list(range(3, 43))  # 40 tokens
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("budget", ["100%", "1MiB"])
+def test_full_budget_reproduces_uncompressed_output(tiny: LoadedModel, policy: str, budget: str) -> None:
+    ids = list(range(3, 150))
+    expected = LLM(tiny, block_size=4).generate(ids, max_new_tokens=30).token_ids
+    llm = LLM(tiny, block_size=4, kv_budget=budget, policy=policy)
+    assert llm.generate(ids, max_new_tokens=30).token_ids == expected
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_byte_budget_holds_at_every_step_for_200_tokens_past_it(tiny: LoadedModel, policy: str) -> None:
+    budget = 16 * 1024  # far below the 240 tokens this run sees
+    llm = LLM(tiny, block_size=4, kv_budget=budget, policy=policy, prefill_chunk=16)
+    seq = llm.new_sequence()
+    seq.token_ids = list(PROMPT)
+    logits = seq.prefill(llm.config.prefill_chunk)
+    checks = 0
+    for _ in range(200):
+        assert llm.pool.bytes_used <= budget
+        assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
+        llm.pool.check_integrity()
+        for layer in seq.cache.paged_layers:
+            layer.table.check()
+        logits = seq.step(sample(logits, SamplingParams(), None))
+        checks += 1
+    assert seq.num_cached == len(PROMPT) + 200
+    full = seq.num_cached * tiny.spec.kv_bytes_per_token
+    assert seq.cache.nbytes <= budget < full / 2  # really compressed
+    seq.release()
+    assert llm.pool.bytes_used == 0 and checks == 200
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_token_and_fraction_budgets(llama: LoadedModel, policy: str) -> None:
+    by_tokens = LLM(llama, block_size=4, kv_budget="48tok", policy=policy)
+    seq = by_tokens.new_sequence()
+    seq.token_ids = list(range(3, 160))
+    seq.prefill(64)
+    assert all(layer.table.num_held <= 48 for layer in seq.cache.paged_layers)
+    seq.release()
+
+    by_share = LLM(llama, block_size=4, kv_budget="25%", policy=policy)
+    seq = by_share.new_sequence()
+    seq.token_ids = list(range(3, 160))
+    seq.prefill(64)
+    for layer in seq.cache.paged_layers:
+        assert layer.table.num_held <= 0.25 * 157 + 4
+    seq.release()
+
+
+def test_streamingllm_keeps_sinks_and_the_recent_window(llama: LoadedModel) -> None:
+    ids = torch.tensor([list(range(3, 103))])
+    reference = DynamicCache(config=llama.model.config)
+    with torch.inference_mode():
+        llama.model(ids, past_key_values=reference)
+    llm = LLM(llama, block_size=4, kv_budget="40tok", policy="streamingllm", prefill_chunk=8)
+    seq = llm.new_sequence()
+    seq.token_ids = ids[0].tolist()
+    seq.prefill(8)
+    # layer 0's keys depend only on the token and its position, so they identify the tokens kept
+    held, _ = seq.cache.paged_layers[0].gather()
+    n = held.shape[2]
+    assert 20 <= n <= 40
+    kept = list(range(4)) + list(range(100 - (n - 4), 100))
+    torch.testing.assert_close(held[0], reference.layers[0].keys[0][:, kept], rtol=0, atol=1e-6)
+    seq.release()
+
+
+def test_compaction_keeps_different_tokens_per_head(llama: LoadedModel) -> None:
+    llm = LLM(llama, block_size=4)
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 30))
+    seq.prefill(64)
+    layer = seq.cache.paged_layers[0]
+    before, _ = layer.gather()
+    keep = torch.tensor([[0, 5, 6, 20, 26], [1, 2, 3, 4, 25]])
+    layer.compact(keep)
+    after, _ = layer.gather()
+    for h in range(2):
+        torch.testing.assert_close(after[0, h], before[0, h, keep[h]])
+    assert len(layer.table.block_ids) == 2 and layer.table.num_held == 5
+    assert seq.cache.nbytes == llm.pool.physical_nbytes()
+    seq.release()
+
+
+def test_bad_policy_input() -> None:
+    with pytest.raises(UnknownPolicyError, match="known policies"):
+        LLM.__new__(LLM).__init__("smollm2-135m", policy="nope")
+    with pytest.raises(InvalidBudgetError, match="needs a compression policy"):
+        LLM.__new__(LLM).__init__("smollm2-135m", kv_budget="25%")
+    with pytest.raises(InvalidBudgetError):
+        KVBudget.parse("150%")
+
+
+def test_budget_too_small_for_any_cache(gemma: LoadedModel) -> None:
+    llm = LLM(gemma, block_size=4, kv_budget=1024, policy="streamingllm")
+    with pytest.raises(KVBudgetError, match="policy streamingllm"):
+        llm.generate(PROMPT, max_new_tokens=5)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("policy", ["streamingllm", "snapkv", "h2o"])
+def test_real_model_generates_within_a_byte_budget(smollm2: LoadedModel, policy: str) -> None:
+    from texts import long_text
+
+    llm = LLM(smollm2, kv_budget="12MiB", policy=policy)
+    ids = llm.encode(long_text(6000))[:1200]
+    result = llm.generate(ids, max_new_tokens=40)
+    assert result.stats.new_tokens == 40
+    assert result.stats.kv_bytes <= 12 * 2**20 < result.stats.kv_bytes_full / 3
+    assert llm.pool.bytes_used == 0
