@@ -18,33 +18,53 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.compress.budget import KVBudget
+from kvmem.compress.kivi import KIVI
 from kvmem.compress.scorer import ScoreInputs, Scorer
-from kvmem.errors import KVBudgetError
+from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache import KVMemCache, PagedLayer
 
 
 @dataclass(frozen=True)
 class Policy:
-    scorer: Scorer
+    """An eviction scorer, a quantizer, or both (``snapkv+kivi4``), under a budget.
+
+    With no scorer nothing is evicted: the budget then refuses requests that do not fit, as
+    without a policy, but counts the quantized block sizes.
+    """
+
+    scorer: Scorer | None
     budget: KVBudget
+    quant: KIVI | None = None
+
+    def __post_init__(self) -> None:
+        if self.scorer is None and self.quant is None:
+            raise ValueError("a policy needs an eviction scorer, a quantizer, or both")
+        if self.scorer is None and (self.budget.fraction is not None or self.budget.tokens is not None):
+            raise InvalidBudgetError(
+                "a KV budget in % or tokens needs an eviction method (quantization alone cannot drop tokens)"
+            )
 
     @property
     def name(self) -> str:
-        return self.scorer.name
+        return "+".join(part.name for part in (self.scorer, self.quant) if part is not None)
 
     def capacity(self, cache: KVMemCache) -> int | None:
-        """Tokens each full-attention layer may hold at most (None: set by a fraction, or unlimited)."""
+        """Tokens each full-attention layer may hold at most (None: no eviction, a fraction, or unlimited)."""
+        if self.scorer is None:
+            return None
         if self.budget.tokens is not None:
             return self.budget.tokens
         if self.budget.bytes is None:
             return None
         full = [layer for layer in cache.paged_layers if layer.window is None]
         sliding = [layer for layer in cache.paged_layers if layer.window is not None]
-        room = self.budget.bytes - sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding)
-        per_block = sum(layer.block_bytes for layer in full)
-        blocks = room // per_block if per_block else 0
+        fixed = sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding)
+        # cost_of_blocks(n) is affine in n: n * per_block + base
+        per_block = sum(layer.cost_of_blocks(2) - layer.cost_of_blocks(1) for layer in full)
+        base = sum(layer.cost_of_blocks(1) for layer in full) - per_block
+        blocks = (self.budget.bytes - fixed - base) // per_block if per_block else 0
         if blocks < 1:
-            minimum = sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding) + 2 * per_block
+            minimum = fixed + base + 2 * per_block
             raise KVBudgetError(minimum, self.budget.bytes, self.budget.bytes, what=f"policy {self.name}")
         return int(blocks * cache.pool.block_size)
 
@@ -65,7 +85,7 @@ class Policy:
                 self.evict(layer, max(capacity - max(q, slack), 1))
 
     def after_forward(self, cache: KVMemCache) -> None:
-        if self.budget.fraction is None:
+        if self.budget.fraction is None or self.scorer is None:
             return
         for layer in _compressible(cache):
             target = max(1, math.ceil(self.budget.fraction * layer.table.length))
@@ -76,7 +96,7 @@ class Policy:
     def evict(self, layer: PagedLayer, keep: int) -> None:
         """Keep the ``keep`` best-scored tokens of each head of ``layer``; free the rest."""
         held = layer.table.num_held
-        if keep >= held:
+        if keep >= held or self.scorer is None:
             return
         keys, values = layer.gather()
         scores = self.scorer.score(

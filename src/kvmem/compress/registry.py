@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from kvmem.compress.budget import KVBudget
+from kvmem.compress.kivi import KIVI
+from kvmem.compress.policy import Policy
 from kvmem.compress.scorer import Scorer
 from kvmem.compress.scorers.h2o import H2O
 from kvmem.compress.scorers.key_norm import KeyNorm
@@ -16,6 +19,10 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 
 
+QUANTIZERS: dict[str, KIVI] = {q.name: q for q in (KIVI(2), KIVI(4), KIVI(8))}
+_QUANT_SUMMARY = "KIVI {bits}-bit: keys per channel, values per token, last block exact"
+
+
 class UnknownPolicyError(KVMemError):
     """The policy name is not registered."""
 
@@ -24,10 +31,27 @@ def make_scorer(name: str) -> Scorer:
     try:
         return SCORERS[name.strip().lower()]()
     except KeyError:
+        known = ", ".join([*SCORERS, *QUANTIZERS])
         raise UnknownPolicyError(
-            f"unknown policy {name!r}; known policies: {', '.join(SCORERS)} (see `kvmem policies`)"
+            f"unknown policy {name!r}; known policies: {known}, or one of each joined by '+' "
+            "(see `kvmem policies`)"
         ) from None
 
 
+def make_policy(spec: str, budget: KVBudget) -> Policy:
+    """``"snapkv"``, ``"kivi4"`` or a combination such as ``"snapkv+kivi4"`` (at most one of each)."""
+    scorers, quants = [], []
+    for part in (p.strip().lower() for p in spec.split("+")):
+        if part in QUANTIZERS:
+            quants.append(QUANTIZERS[part])
+        else:
+            scorers.append(make_scorer(part))
+    if len(scorers) > 1 or len(quants) > 1:
+        raise UnknownPolicyError(f"policy {spec!r}: combine at most one eviction method and one quantizer")
+    return Policy(scorers[0] if scorers else None, budget, quants[0] if quants else None)
+
+
 def describe_policies() -> list[tuple[str, str]]:
-    return [(name, cls.summary) for name, cls in SCORERS.items()]
+    rows = [(name, cls.summary) for name, cls in SCORERS.items()]
+    rows += [(name, _QUANT_SUMMARY.format(bits=q.bits)) for name, q in QUANTIZERS.items()]
+    return rows

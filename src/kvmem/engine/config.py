@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmem.compress.budget import KVBudget
-from kvmem.compress.registry import make_scorer
+from kvmem.compress.registry import make_policy
 from kvmem.errors import InvalidBudgetError
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL
@@ -32,7 +32,7 @@ class EngineConfig:
                 "without one give bytes, such as 64MiB"
             )
         if self.policy is not None:
-            make_scorer(self.policy)  # raises UnknownPolicyError
+            make_policy(self.policy, budget)  # raises UnknownPolicyError / InvalidBudgetError
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.prefill_chunk <= 0:

@@ -11,8 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kvmem.compress.observe import register as register_attention
-from kvmem.compress.policy import Policy
-from kvmem.compress.registry import make_scorer
+from kvmem.compress.registry import make_policy
 from kvmem.engine.config import EngineConfig
 from kvmem.engine.result import GenerationResult, GenerationStats
 from kvmem.engine.sampling import SamplingParams, sample
@@ -47,8 +46,9 @@ class LLM:
         budget = self.config.budget
         self.loaded = load_model(model) if isinstance(model, str) else model
         self.pool = KVPool(PoolConfig(budget.bytes, block_size))
-        self.policy = None if policy is None else Policy(make_scorer(policy), budget)
-        if self.policy is not None and (self.policy.scorer.query_window or self.policy.scorer.accumulates):
+        self.policy = None if policy is None else make_policy(policy, budget)
+        scorer = None if self.policy is None else self.policy.scorer
+        if scorer is not None and (scorer.query_window or scorer.accumulates):
             # scorers that need queries see them through kvmem's registered attention function
             self.loaded.model.set_attn_implementation(register_attention())
 

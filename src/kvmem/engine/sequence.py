@@ -27,7 +27,7 @@ class Sequence:
         self.pool = pool
         self.spec = spec
         self.policy = policy
-        self.cache = KVMemCache(pool, spec)
+        self.cache = KVMemCache(pool, spec, None if policy is None else policy.quant)
         self.token_ids: list[int] = []
         scorer = policy.scorer if policy is not None else None
         self.observer = (
@@ -49,7 +49,7 @@ class Sequence:
 
         With a compression policy the policy keeps the cache within the budget instead.
         """
-        if self.policy is not None:
+        if self.policy is not None and self.policy.scorer is not None:
             self.policy.capacity(self.cache)  # raises if the budget cannot hold even a minimal cache
             return
         needed = self.cache.bytes_to_grow(self.num_pending + extra_tokens)

@@ -81,6 +81,12 @@ class KVPool:
         )
         return block_id
 
+    def allocate_raw(self, nbytes: int, device: torch.device) -> int:
+        """A block of ``nbytes`` plain bytes (uint8), for compressed layouts."""
+        block_id = self.manager.allocate(nbytes)
+        self._tensors[block_id] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return block_id
+
     def tensor(self, block_id: int) -> torch.Tensor:
         return self._tensors[block_id]
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvmem.compress.kivi import KIVI
 from kvmem.kv.pool import KVPool, block_nbytes
 from kvmem.kv.table import BlockTable
 from kvmem.model.spec import ModelSpec
@@ -37,9 +38,12 @@ class PagedLayer(CacheLayerMixin):
         window: int | None,
         dtype: torch.dtype,
         layer_idx: int = 0,
+        quant: KIVI | None = None,
     ) -> None:
         super().__init__()
         self.pool = pool
+        self.quant = quant
+        self.layout = None if quant is None else quant.layout(num_heads, pool.block_size, head_dim)
         self.layer_idx = layer_idx
         self.scaling: float | None = None  # the attention's softmax scale, once observed
         self.dtype, self.device = dtype, torch.device("cpu")
@@ -50,8 +54,10 @@ class PagedLayer(CacheLayerMixin):
         self.table = BlockTable(pool.block_size)
         # Views of each block's keys and values ([H, bs, D]), in table order. Kept rather than
         # re-sliced at every step: making thousands of views per step costs more than the copy.
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
+        # A quantized block has None there and its byte buffer in `_packed`.
+        self._keys: list[torch.Tensor | None] = []
+        self._values: list[torch.Tensor | None] = []
+        self._packed: list[torch.Tensor | None] = []
         # Statistics kept for compression scorers (see kvmem.compress.observe).
         self.recent_queries: torch.Tensor | None = None  # [Hq, w, D]
         self.attention: torch.Tensor | None = None  # [H, held]
@@ -90,6 +96,7 @@ class PagedLayer(CacheLayerMixin):
             self.pool.decref(table.block_ids.pop(0))
             self._keys.pop(0)
             self._values.pop(0)
+            self._packed.pop(0)
             table.start += bs
         table.length += plan.skip_tokens
         if not table.block_ids:
@@ -99,17 +106,48 @@ class PagedLayer(CacheLayerMixin):
         while written < q:
             fill = table.last_fill
             if not table.block_ids or fill == bs:
+                if table.block_ids and self.quant is not None:
+                    self._quantize_last()
                 block_id = self.pool.allocate(self.num_heads, self.head_dim, k.dtype, k.device)
                 table.block_ids.append(block_id)
                 block = self.pool.tensor(block_id)  # [2, H, bs, D]
                 self._keys.append(block[0])
                 self._values.append(block[1])
+                self._packed.append(None)
                 fill = 0
             n = min(bs - fill, q - written)
-            self._keys[-1][:, fill : fill + n] = k[:, written : written + n]
-            self._values[-1][:, fill : fill + n] = v[:, written : written + n]
+            last_k, last_v = self._keys[-1], self._values[-1]
+            assert last_k is not None and last_v is not None
+            last_k[:, fill : fill + n] = k[:, written : written + n]
+            last_v[:, fill : fill + n] = v[:, written : written + n]
             written += n
             table.length += n
+
+    def _quantize_last(self) -> None:
+        """The last block is full: replace it with its quantized form (the residual moves on)."""
+        assert self.quant is not None and self.layout is not None
+        keys, values = self._keys[-1], self._values[-1]
+        assert keys is not None and values is not None
+        block_id = self.pool.allocate_raw(self.layout.nbytes, keys.device)
+        packed = self.pool.tensor(block_id)
+        self.quant.encode(keys, values, self.layout, packed)
+        self.pool.decref(self.table.block_ids[-1])
+        self.table.block_ids[-1] = block_id
+        self._keys[-1] = self._values[-1] = None
+        self._packed[-1] = packed
+
+    def _parts(self, first: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-block keys and values ([H, bs, D]) from block ``first`` on, dequantized where needed."""
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for k, v, packed in zip(self._keys[first:], self._values[first:], self._packed[first:]):
+            if packed is not None:
+                assert self.quant is not None and self.layout is not None
+                k, v = self.quant.decode(packed, self.layout, self.dtype)
+            assert k is not None and v is not None
+            keys.append(k)
+            values.append(v)
+        return keys, values
 
     def gather(self, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the held tokens (only the ``last`` ones if given): [1, H, T, D] each."""
@@ -119,13 +157,22 @@ class PagedLayer(CacheLayerMixin):
         bs, fill = self.table.block_size, self.table.last_fill
         skip = 0 if last is None else max(0, self.table.num_held - last)
         first, offset = divmod(skip, bs)
-        keys = _concat(self._keys, first, offset, fill)
-        values = _concat(self._values, first, offset, fill)
+        parts_k, parts_v = self._parts(first)
+        keys = _concat(parts_k, 0, offset, fill)
+        values = _concat(parts_v, 0, offset, fill)
         return keys.unsqueeze(0), values.unsqueeze(0)
 
     @property
     def block_bytes(self) -> int:
+        """Bytes of a full-precision block."""
         return block_nbytes(self.num_heads, self.head_dim, self.table.block_size, self.dtype)
+
+    def cost_of_blocks(self, n: int) -> int:
+        """Most bytes the layer holds with ``n`` blocks: with quantization, all but the last are
+        quantized, plus one quantized block while the next full one is being converted."""
+        if self.layout is None or n == 0:
+            return n * self.block_bytes
+        return n * self.layout.nbytes + self.block_bytes
 
     def bytes_to_append(self, q: int) -> tuple[int, int]:
         """(bytes held now, bytes held after appending ``q`` tokens in one forward)."""
@@ -142,7 +189,7 @@ class PagedLayer(CacheLayerMixin):
         blocks = -(-(self.table.num_held + n) // bs)
         if self.keep is not None:
             blocks = min(blocks, -(-(self.keep + bs - 1) // bs))
-        return max(blocks, len(self.table.block_ids)) * self.block_bytes
+        return self.cost_of_blocks(max(blocks, len(self.table.block_ids)))
 
     @property
     def nbytes(self) -> int:
@@ -163,14 +210,24 @@ class PagedLayer(CacheLayerMixin):
         kept_k = keys[0].gather(1, index)  # [H, k, D]
         kept_v = values[0].gather(1, index)
         bs, table = self.table.block_size, self.table
+        if self.quant is not None:  # re-store the kept tokens (full blocks are quantized again)
+            length, attention, queries = table.length, self.attention, self.recent_queries
+            self.release()
+            self.table.start = self.table.length = length - k
+            self._append(kept_k, kept_v)
+            self.recent_queries = queries
+            self.attention = None if attention is None else attention.gather(1, keep)
+            return
         needed = -(-k // bs)
         for i in range(needed):
             n = min(bs, k - i * bs)
-            self._keys[i][:, :n] = kept_k[:, i * bs : i * bs + n]
-            self._values[i][:, :n] = kept_v[:, i * bs : i * bs + n]
+            keys_i, values_i = self._keys[i], self._values[i]
+            assert keys_i is not None and values_i is not None
+            keys_i[:, :n] = kept_k[:, i * bs : i * bs + n]
+            values_i[:, :n] = kept_v[:, i * bs : i * bs + n]
         for block_id in table.block_ids[needed:]:
             self.pool.decref(block_id)
-        del table.block_ids[needed:], self._keys[needed:], self._values[needed:]
+        del table.block_ids[needed:], self._keys[needed:], self._values[needed:], self._packed[needed:]
         table.start = table.length - k  # held tokens: the last k of the sequence's positions
         if self.attention is not None:
             self.attention = self.attention.gather(1, keep)
@@ -195,7 +252,7 @@ class PagedLayer(CacheLayerMixin):
         for block_id in self.table.block_ids:
             self.pool.decref(block_id)
         self.table = BlockTable(self.pool.block_size)
-        self._keys, self._values = [], []
+        self._keys, self._values, self._packed = [], [], []
         self.recent_queries = self.attention = None
 
     def reset(self) -> None:
@@ -217,11 +274,11 @@ def _concat(views: list[torch.Tensor], first: int, offset: int, fill: int) -> to
 class KVMemCache(Cache):
     """A transformers ``Cache`` for one sequence whose keys and values live in a ``KVPool``."""
 
-    def __init__(self, pool: KVPool, spec: ModelSpec) -> None:
+    def __init__(self, pool: KVPool, spec: ModelSpec, quant: KIVI | None = None) -> None:
         self.pool = pool
         self.spec = spec
         layers = [
-            PagedLayer(pool, spec.num_kv_heads, spec.head_dim, w, spec.dtype, i)
+            PagedLayer(pool, spec.num_kv_heads, spec.head_dim, w, spec.dtype, i, quant)
             for i, w in enumerate(spec.windows)
         ]
         super().__init__(layers=layers)  # type: ignore[arg-type]
