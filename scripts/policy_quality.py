@@ -16,7 +16,7 @@ from pydoc_data.topics import topics
 import torch
 
 import kvmem
-from kvmem.compress.registry import SCORERS
+from kvmem.compress.registry import QUANTIZERS, SCORERS
 from kvmem.errors import format_bytes
 
 
@@ -39,7 +39,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--continuation", type=int, default=100)
-    parser.add_argument("--policies", default=",".join(SCORERS))
+    parser.add_argument(
+        "--policies",
+        default=",".join([*SCORERS, *QUANTIZERS, "snapkv+kivi4", "h2o+kivi4", "tova+kivi4", "snapkv+kivi2"]),
+    )
     parser.add_argument("--shares", default="0.5,0.25,0.1")
     args = parser.parse_args()
     loaded = kvmem.load_model(args.model)
@@ -53,16 +56,19 @@ def main() -> None:
         return float(torch.exp(-logp.gather(1, targets[:, None]).mean()))
 
     print(f"model {args.model}: context {args.context} tokens, continuation {args.continuation}")
-    print(f"{'policy':<14}{'budget':>8}{'KV held':>12}{'ratio':>8}{'ppl':>9}{'KL':>9}")
-    head = f"{'full cache':<14}{'-':>8}{format_bytes(full_bytes):>12}{1.0:>8.2f}"
+    print(f"{'policy':<16}{'budget':>8}{'KV held':>12}{'ratio':>8}{'ppl':>9}{'KL':>9}")
+    head = f"{'full cache':<16}{'-':>8}{format_bytes(full_bytes):>12}{1.0:>8.2f}"
     print(f"{head}{ppl(reference):>9.2f}{0.0:>9.3f}")
     for name in args.policies.split(","):
-        for share in map(float, args.shares.split(",")):
-            budget = int(full_bytes * share)
+        # quantization alone evicts nothing: it runs once, with no budget, and reports what it holds
+        shares = [None] if name in QUANTIZERS else [float(s) for s in args.shares.split(",")]
+        for share in shares:
+            budget = None if share is None else int(full_bytes * share)
             llm = kvmem.LLM(loaded, kv_budget=budget, policy=name)
             logp, held = run(llm, ids, args.context)
             kl = float((reference.exp() * (reference - logp)).sum(-1).mean())
-            row = f"{name:<14}{share:>8.0%}{format_bytes(held):>12}{held / full_bytes:>8.2f}"
+            label = "-" if share is None else f"{share:.0%}"
+            row = f"{name:<16}{label:>8}{format_bytes(held):>12}{held / full_bytes:>8.2f}"
             print(f"{row}{ppl(logp):>9.2f}{kl:>9.3f}", flush=True)
 
 

@@ -126,3 +126,39 @@ def test_real_model_generates_within_a_byte_budget(smollm2: LoadedModel, policy:
     assert result.stats.new_tokens == 40
     assert result.stats.kv_bytes <= 12 * 2**20 < result.stats.kv_bytes_full / 3
     assert llm.pool.bytes_used == 0
+
+
+@pytest.mark.parametrize("budget", ["12KiB", "48tok", "30%"])
+def test_pyramid_gives_lower_layers_more(tiny: LoadedModel, budget: str) -> None:
+    llm = LLM(tiny, block_size=4, kv_budget=budget, policy="snapkv+pyramid", prefill_chunk=16)
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 160))
+    logits = seq.prefill(16)
+    for _ in range(20):  # chunks and steps with layers holding different numbers of tokens
+        logits = seq.step(sample(logits, SamplingParams(), None))
+    full = [layer for layer in seq.cache.paged_layers if layer.window is None]
+    if len(full) > 1:
+        assert full[0].table.num_held > full[-1].table.num_held
+    if budget == "12KiB":
+        assert llm.pool.bytes_used <= 12 * 1024
+    assert seq.cache.nbytes == llm.pool.physical_nbytes()
+    seq.release()
+
+
+def test_pyramid_chunked_prefill_matches_one_layer_at_a_time(llama: LoadedModel) -> None:
+    """With layers of different sizes, a chunk's logits equal those of feeding its tokens one by one."""
+    llm = LLM(llama, block_size=4, kv_budget="40tok", policy="streamingllm+pyramid")
+    ids = list(range(3, 120))
+    chunked, single = llm.new_sequence(), llm.new_sequence()
+    chunked.token_ids = single.token_ids = ids[:100]
+    chunked.prefill(8)
+    single.prefill(8)
+    assert [layer.table.num_held for layer in chunked.cache.paged_layers] == [
+        layer.table.num_held for layer in single.cache.paged_layers
+    ]
+    chunked.token_ids += [120, 121, 122]
+    out = chunked.prefill(3, all_logits=True)  # one forward of 3 tokens
+    steps = [single.step(t) for t in (120, 121, 122)]
+    torch.testing.assert_close(out, torch.stack(steps), rtol=0, atol=1e-4)
+    chunked.release()
+    single.release()

@@ -1,8 +1,10 @@
-"""Attention statistics for scorers, taken through transformers' public ``AttentionInterface``.
+"""Attention for compressed caches, through transformers' public ``AttentionInterface``.
 
 ``kvmem_sdpa`` is transformers' SDPA attention plus one thing: when the forward call carries a
 ``kvmem_observer`` keyword (transformers passes model keywords down to the attention function),
-the observer sees each layer's queries and keys. Without it, it is plain SDPA.
+the observer sees each layer's queries and keys; and a full-attention layer holding fewer tokens
+than the mask was built for (per-layer budgets) gets a mask of its own size. Otherwise it is
+plain SDPA.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ def kvmem_sdpa(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     observer = kwargs.pop("kvmem_observer", None)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] != kv_len:
+        # transformers builds one mask per layer type, sized for the first layer of that type;
+        # with per-layer budgets another full layer may hold fewer tokens. Its held tokens are
+        # all in the past of the new ones, so: every held key visible, causal among the new.
+        visible = torch.arange(kv_len).view(1, kv_len) <= (kv_len - q_len + torch.arange(q_len)).view(
+            q_len, 1
+        )
+        attention_mask = visible.view(1, 1, q_len, kv_len)
     if observer is not None:
         head_dim = query.shape[-1]
         observer.observe(module.layer_idx, query, key, scaling if scaling is not None else head_dim**-0.5)

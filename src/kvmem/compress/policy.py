@@ -13,10 +13,11 @@ physical: kept tokens move to the front of the layer's blocks and the rest are f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from kvmem.compress.allocator import Allocator, Uniform
 from kvmem.compress.budget import KVBudget
 from kvmem.compress.kivi import KIVI
 from kvmem.compress.scorer import ScoreInputs, Scorer
@@ -35,6 +36,7 @@ class Policy:
     scorer: Scorer | None
     budget: KVBudget
     quant: KIVI | None = None
+    allocator: Allocator = field(default_factory=Uniform)
 
     def __post_init__(self) -> None:
         if self.scorer is None and self.quant is None:
@@ -46,49 +48,54 @@ class Policy:
 
     @property
     def name(self) -> str:
-        return "+".join(part.name for part in (self.scorer, self.quant) if part is not None)
+        parts = (self.scorer, None if isinstance(self.allocator, Uniform) else self.allocator, self.quant)
+        return "+".join(part.name for part in parts if part is not None)
 
-    def capacity(self, cache: KVMemCache) -> int | None:
-        """Tokens each full-attention layer may hold at most (None: no eviction, a fraction, or unlimited)."""
-        if self.scorer is None:
+    def capacities(self, cache: KVMemCache) -> dict[int, int] | None:
+        """Tokens each full-attention layer may hold at most, by layer index (None: no fixed cap)."""
+        if self.scorer is None or (self.budget.tokens is None and self.budget.bytes is None):
             return None
+        full = _compressible(cache)
+        weights = self.allocator.weights(len(full))
         if self.budget.tokens is not None:
-            return self.budget.tokens
-        if self.budget.bytes is None:
-            return None
-        full = [layer for layer in cache.paged_layers if layer.window is None]
+            return {layer.layer_idx: max(1, round(self.budget.tokens * w)) for layer, w in zip(full, weights)}
+        assert self.budget.bytes is not None
         sliding = [layer for layer in cache.paged_layers if layer.window is not None]
         fixed = sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding)
-        # cost_of_blocks(n) is affine in n: n * per_block + base
-        per_block = sum(layer.cost_of_blocks(2) - layer.cost_of_blocks(1) for layer in full)
-        base = sum(layer.cost_of_blocks(1) for layer in full) - per_block
-        blocks = (self.budget.bytes - fixed - base) // per_block if per_block else 0
-        if blocks < 1:
-            minimum = fixed + base + 2 * per_block
+        # a layer's cost is affine in its blocks: n * per_block + base
+        per_block = [layer.cost_of_blocks(2) - layer.cost_of_blocks(1) for layer in full]
+        base = sum(layer.cost_of_blocks(1) - p for layer, p in zip(full, per_block))
+        room = self.budget.bytes - fixed - base
+        unit = room / sum(w * p for w, p in zip(weights, per_block))
+        blocks = [int(w * unit) for w in weights]
+        if min(blocks) < 1:
+            minimum = fixed + base + sum(per_block) * int(1 / min(weights) + 1)
             raise KVBudgetError(minimum, self.budget.bytes, self.budget.bytes, what=f"policy {self.name}")
-        return int(blocks * cache.pool.block_size)
+        return {layer.layer_idx: n * cache.pool.block_size for layer, n in zip(full, blocks)}
 
     def max_chunk(self, cache: KVMemCache) -> int | None:
-        """The largest forward the policy can make room for (half the capacity)."""
-        capacity = self.capacity(cache)
-        return None if capacity is None else max(1, capacity // 2)
+        """The largest forward the policy can make room for (half the smallest capacity)."""
+        capacities = self.capacities(cache)
+        return None if not capacities else max(1, min(capacities.values()) // 2)
 
     def before_forward(self, cache: KVMemCache, q: int) -> None:
-        capacity = self.capacity(cache)
-        if capacity is None:
+        capacities = self.capacities(cache)
+        if not capacities:
             return
-        if q > capacity:
-            raise ValueError(f"a forward of {q} tokens cannot fit a capacity of {capacity} tokens per layer")
-        slack = max(1, min(cache.pool.block_size, capacity // 4))
         for layer in _compressible(cache):
+            capacity = capacities[layer.layer_idx]
+            if q > capacity:
+                raise ValueError(f"a forward of {q} tokens cannot fit a capacity of {capacity} tokens")
+            slack = max(1, min(cache.pool.block_size, capacity // 4))
             if layer.table.num_held + q > capacity:
                 self.evict(layer, max(capacity - max(q, slack), 1))
 
     def after_forward(self, cache: KVMemCache) -> None:
         if self.budget.fraction is None or self.scorer is None:
             return
-        for layer in _compressible(cache):
-            target = max(1, math.ceil(self.budget.fraction * layer.table.length))
+        full = _compressible(cache)
+        for layer, weight in zip(full, self.allocator.weights(len(full))):
+            target = max(1, math.ceil(min(1.0, self.budget.fraction * weight) * layer.table.length))
             # hysteresis: compact once a block's worth is over, not at every token
             if layer.table.num_held >= target + min(cache.pool.block_size, max(1, target // 4)):
                 self.evict(layer, target)

@@ -47,9 +47,8 @@ class LLM:
         self.loaded = load_model(model) if isinstance(model, str) else model
         self.pool = KVPool(PoolConfig(budget.bytes, block_size))
         self.policy = None if policy is None else make_policy(policy, budget)
-        scorer = None if self.policy is None else self.policy.scorer
-        if scorer is not None and (scorer.query_window or scorer.accumulates):
-            # scorers that need queries see them through kvmem's registered attention function
+        if self.policy is not None and self.policy.scorer is not None:
+            # eviction runs through kvmem's registered attention function (queries, per-layer masks)
             self.loaded.model.set_attn_implementation(register_attention())
 
     @property

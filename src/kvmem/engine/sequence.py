@@ -50,7 +50,7 @@ class Sequence:
         With a compression policy the policy keeps the cache within the budget instead.
         """
         if self.policy is not None and self.policy.scorer is not None:
-            self.policy.capacity(self.cache)  # raises if the budget cannot hold even a minimal cache
+            self.policy.capacities(self.cache)  # raises if the budget cannot hold even a minimal cache
             return
         needed = self.cache.bytes_to_grow(self.num_pending + extra_tokens)
         free = self.pool.bytes_free
