@@ -15,7 +15,7 @@ POLICIES = sorted(SCORERS)
 PROMPT = list(range(3, 43))  # 40 tokens
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", [*POLICIES, "snapkv+merge", "h2o+pyramid"])
 @pytest.mark.parametrize("budget", ["100%", "1MiB"])
 def test_full_budget_reproduces_uncompressed_output(tiny: LoadedModel, policy: str, budget: str) -> None:
     ids = list(range(3, 150))
@@ -24,7 +24,10 @@ def test_full_budget_reproduces_uncompressed_output(tiny: LoadedModel, policy: s
     assert llm.generate(ids, max_new_tokens=30).token_ids == expected
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+COMBINATIONS = ["snapkv+merge", "h2o+pyramid", "snapkv+pyramid+kivi4", "tova+merge+kivi2"]
+
+
+@pytest.mark.parametrize("policy", POLICIES + COMBINATIONS)
 def test_byte_budget_holds_at_every_step_for_200_tokens_past_it(tiny: LoadedModel, policy: str) -> None:
     budget = 16 * 1024  # far below the 240 tokens this run sees
     llm = LLM(tiny, block_size=4, kv_budget=budget, policy=policy, prefill_chunk=16)

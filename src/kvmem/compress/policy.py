@@ -20,6 +20,7 @@ import torch
 from kvmem.compress.allocator import Allocator, Uniform
 from kvmem.compress.budget import KVBudget
 from kvmem.compress.kivi import KIVI
+from kvmem.compress.merge import Merge
 from kvmem.compress.scorer import ScoreInputs, Scorer
 from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache import KVMemCache, PagedLayer
@@ -37,6 +38,7 @@ class Policy:
     budget: KVBudget
     quant: KIVI | None = None
     allocator: Allocator = field(default_factory=Uniform)
+    merge: Merge | None = None
 
     def __post_init__(self) -> None:
         if self.scorer is None and self.quant is None:
@@ -48,7 +50,8 @@ class Policy:
 
     @property
     def name(self) -> str:
-        parts = (self.scorer, None if isinstance(self.allocator, Uniform) else self.allocator, self.quant)
+        allocator = None if isinstance(self.allocator, Uniform) else self.allocator
+        parts = (self.scorer, allocator, self.merge, self.quant)
         return "+".join(part.name for part in parts if part is not None)
 
     def capacities(self, cache: KVMemCache) -> dict[int, int] | None:
@@ -91,8 +94,8 @@ class Policy:
                 self.evict(layer, max(capacity - max(q, slack), 1))
 
     def after_forward(self, cache: KVMemCache) -> None:
-        if self.budget.fraction is None or self.scorer is None:
-            return
+        if self.budget.fraction is None or self.budget.fraction >= 1 or self.scorer is None:
+            return  # 100%: nothing to take from any layer
         full = _compressible(cache)
         for layer, weight in zip(full, self.allocator.weights(len(full))):
             target = max(1, math.ceil(min(1.0, self.budget.fraction * weight) * layer.table.length))
@@ -118,7 +121,10 @@ class Policy:
             )
         )
         chosen = torch.topk(scores, keep, dim=-1).indices.sort(dim=-1).values  # [H, keep]
-        layer.compact(chosen)
+        if self.merge is None:
+            layer.compact(chosen)
+        else:
+            layer.compact(chosen, *self.merge.apply(keys[0], values[0], chosen))
 
 
 def _compressible(cache: KVMemCache) -> list[PagedLayer]:

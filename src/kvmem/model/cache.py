@@ -196,10 +196,16 @@ class PagedLayer(CacheLayerMixin):
         return sum(self.pool.manager.size_of(b) for b in self.table.block_ids)
 
     @torch.inference_mode()
-    def compact(self, keep: torch.Tensor) -> None:
+    def compact(
+        self,
+        keep: torch.Tensor,
+        kept_keys: torch.Tensor | None = None,
+        kept_values: torch.Tensor | None = None,
+    ) -> None:
         """Keep only the slots ``keep`` ([H, k], ascending per head) and free the blocks left over.
 
-        Each head may keep different tokens: slot ``j`` of head ``h`` becomes ``keep[h, j]``. The
+        Each head may keep different tokens: slot ``j`` of head ``h`` becomes ``keep[h, j]`` (or
+        ``kept_keys[h, j]`` / ``kept_values[h, j]`` when given, e.g. after merging). The
         kept keys and values move to the front of the layer's own blocks, so no block is
         allocated; the emptied blocks go back to the pool. Only full-attention layers compact.
         """
@@ -207,8 +213,9 @@ class PagedLayer(CacheLayerMixin):
         heads, k = keep.shape
         keys, values = self.gather()  # [1, H, T, D]
         index = keep.unsqueeze(-1).expand(heads, k, self.head_dim)
-        kept_k = keys[0].gather(1, index)  # [H, k, D]
-        kept_v = values[0].gather(1, index)
+        # [H, k, D]: the kept tokens, or what the caller made of them (merging)
+        kept_k = keys[0].gather(1, index) if kept_keys is None else kept_keys
+        kept_v = values[0].gather(1, index) if kept_values is None else kept_values
         bs, table = self.table.block_size, self.table
         if self.quant is not None:  # re-store the kept tokens (full blocks are quantized again)
             length, attention, queries = table.length, self.attention, self.recent_queries
