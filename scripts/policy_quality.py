@@ -17,7 +17,7 @@ import torch
 
 import kvmem
 from kvmem.compress.registry import QUANTIZERS, SCORERS
-from kvmem.errors import format_bytes
+from kvmem.errors import KVBudgetError, format_bytes
 
 
 def run(llm: kvmem.LLM, ids: list[int], n_ctx: int) -> tuple[torch.Tensor, int]:
@@ -65,7 +65,11 @@ def main() -> None:
         for share in shares:
             budget = None if share is None else int(full_bytes * share)
             llm = kvmem.LLM(loaded, kv_budget=budget, policy=name)
-            logp, held = run(llm, ids, args.context)
+            try:
+                logp, held = run(llm, ids, args.context)
+            except KVBudgetError as exc:  # e.g. sliding-window layers alone need more than the budget
+                print(f"{name:<16}{share:>8.0%}  refused: {exc}", flush=True)
+                continue
             kl = float((reference.exp() * (reference - logp)).sum(-1).mean())
             label = "-" if share is None else f"{share:.0%}"
             row = f"{name:<16}{label:>8}{format_bytes(held):>12}{held / full_bytes:>8.2f}"

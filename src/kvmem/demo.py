@@ -8,6 +8,8 @@ from importlib.resources import files
 from kvmem.engine.llm import LLM
 from kvmem.errors import format_bytes
 
+COMPRESSED_BUDGET = "8MiB"
+COMPRESSED_POLICY = "snapkv+kivi4"
 QUESTIONS = (
     "Who designed the lighthouse on Gull Point?",
     "In what year did the whole bay freeze?",
@@ -34,6 +36,18 @@ def run_demo(llm: LLM, max_new_tokens: int = 48) -> None:
         f"block size {llm.pool.block_size} tokens"
     )
     print(f"document: {len(llm.encode(doc))} tokens ('The History of Larkspur Harbor')\n")
+    held = converse(llm, doc, max_new_tokens)
+    print(
+        f"conversation closed: {format_bytes(held)} of KV freed; "
+        f"pool now holds {format_bytes(llm.pool.bytes_used)}\n"
+    )
+    compressed = LLM(llm.loaded, kv_budget=COMPRESSED_BUDGET, policy=COMPRESSED_POLICY)
+    print(f"The same conversation under a {COMPRESSED_BUDGET} budget with policy {COMPRESSED_POLICY}:\n")
+    converse(compressed, doc, max_new_tokens)
+
+
+def converse(llm: LLM, doc: str, max_new_tokens: int) -> int:
+    """Ask the questions in one chat; print answers and KV stats; return the bytes held at the end."""
     with llm.chat() as session:
         for turn, question in enumerate(QUESTIONS, start=1):
             message = (
@@ -49,8 +63,4 @@ def run_demo(llm: LLM, max_new_tokens: int = 48) -> None:
                 f"prefilled {s.tokens_prefilled} new tokens in {s.prefill_s:.2f}s (TTFT {s.ttft_s:.2f}s) | "
                 f"{s.new_tokens} tokens at {s.decode_tokens_per_s:.1f} tok/s\n"
             )
-        held = session.kv_bytes
-    print(
-        f"conversation closed: {format_bytes(held)} of KV freed; "
-        f"pool now holds {format_bytes(llm.pool.bytes_used)}"
-    )
+        return session.kv_bytes
