@@ -69,11 +69,15 @@ class Policy:
         per_block = [layer.cost_of_blocks(2) - layer.cost_of_blocks(1) for layer in full]
         base = sum(layer.cost_of_blocks(1) - p for layer, p in zip(full, per_block))
         room = self.budget.bytes - fixed - base
-        unit = room / sum(w * p for w, p in zip(weights, per_block))
-        blocks = [int(w * unit) for w in weights]
-        if min(blocks) < 1:
-            minimum = fixed + base + sum(per_block) * int(1 / min(weights) + 1)
+        if room < sum(per_block):  # not even one block per layer
+            minimum = fixed + base + sum(per_block)
             raise KVBudgetError(minimum, self.budget.bytes, self.budget.bytes, what=f"policy {self.name}")
+        unit = room / sum(w * p for w, p in zip(weights, per_block))
+        blocks = [max(1, int(w * unit)) for w in weights]
+        # every layer keeps at least one block; take what that costs from the largest shares
+        while sum(n * p for n, p in zip(blocks, per_block)) > room:
+            largest = max(range(len(blocks)), key=lambda i: blocks[i])
+            blocks[largest] -= 1
         return {layer.layer_idx: n * cache.pool.block_size for layer, n in zip(full, blocks)}
 
     def max_chunk(self, cache: KVMemCache) -> int | None:
