@@ -110,28 +110,28 @@ class KIVI:
         )
         chunks = list(torch.split(buffer, sizes))
         k_scale, k_zero, v_scale, v_zero = (c.view(torch.float16) for c in chunks[:4])
-        keys = dequantize(
-            QuantizedTensor(
-                chunks[4].view(h, d, layout.key_groups, -1),
-                k_scale.view(h, d, layout.key_groups, 1),
-                k_zero.view(h, d, layout.key_groups, 1),
+
+        def unpacked(
+            codes: torch.Tensor,
+            scale: torch.Tensor,
+            zero: torch.Tensor,
+            shape: tuple[int, int, int],
+            group: int,
+        ) -> torch.Tensor:
+            # codes and stats of a [H, rows, cols] tensor quantized in groups along cols
+            grouped = (*shape[:2], shape[2] // group)
+            quantized = QuantizedTensor(
+                codes.view(*grouped, -1),
+                scale.view(*grouped, 1),
+                zero.view(*grouped, 1),
                 self.bits,
-                layout.key_group,
+                group,
                 2,
-                (h, d, bs),
+                shape,
                 dtype,
             )
-        )  # [H, D, bs]
-        values = dequantize(
-            QuantizedTensor(
-                chunks[5].view(h, bs, layout.value_groups, -1),
-                v_scale.view(h, bs, layout.value_groups, 1),
-                v_zero.view(h, bs, layout.value_groups, 1),
-                self.bits,
-                layout.value_group,
-                2,
-                (h, bs, d),
-                dtype,
-            )
-        )  # [H, bs, D]
+            return dequantize(quantized)
+
+        keys = unpacked(chunks[4], k_scale, k_zero, (h, d, bs), layout.key_group)  # [H, D, bs]
+        values = unpacked(chunks[5], v_scale, v_zero, (h, bs, d), layout.value_group)  # [H, bs, D]
         return keys.transpose(1, 2).to(dtype), values.to(dtype)
