@@ -5,26 +5,43 @@ import torch
 from transformers import DynamicCache
 
 from kvmem.compress.budget import KVBudget
-from kvmem.compress.registry import SCORERS, UnknownPolicyError
+from kvmem.compress.registry import SCORERS, UnknownPolicyError, make_policy
 from kvmem.engine.llm import LLM
 from kvmem.engine.sampling import SamplingParams, sample
 from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.loader import LoadedModel
+from kvmem.model.mixed import MixedLayer
 
 POLICIES = sorted(SCORERS)
 PROMPT = list(range(3, 43))  # 40 tokens
 
 
-@pytest.mark.parametrize("policy", [*POLICIES, "snapkv+merge", "h2o+pyramid"])
+@pytest.mark.parametrize(
+    "policy", [*POLICIES, "snapkv+merge", "h2o+pyramid", "keynorm+cake", "snapkv+adakv", "h2o+mixed"]
+)
 @pytest.mark.parametrize("budget", ["100%", "1MiB"])
 def test_full_budget_reproduces_uncompressed_output(tiny: LoadedModel, policy: str, budget: str) -> None:
+    if "mixed" in policy and budget.endswith("%"):
+        pytest.skip("mixed precision takes byte or token budgets")
     ids = list(range(3, 150))
     expected = LLM(tiny, block_size=4).generate(ids, max_new_tokens=30).token_ids
     llm = LLM(tiny, block_size=4, kv_budget=budget, policy=policy)
     assert llm.generate(ids, max_new_tokens=30).token_ids == expected
 
 
-COMBINATIONS = ["snapkv+merge", "h2o+pyramid", "snapkv+pyramid+kivi4", "tova+merge+kivi2"]
+COMBINATIONS = [
+    "snapkv+merge",
+    "h2o+pyramid",
+    "snapkv+pyramid+kivi4",
+    "tova+merge+kivi2",
+    "snapkv+cake",
+    "h2o+cake",
+    "snapkv+adakv",
+    "h2o+pyramid+adakv+kivi4",
+    "h2o+mixed",
+    "snapkv+mixed+kivi4",
+    "snapkv+bfp4",
+]
 
 
 @pytest.mark.parametrize("policy", POLICIES + COMBINATIONS)
@@ -40,7 +57,7 @@ def test_byte_budget_holds_at_every_step_for_200_tokens_past_it(tiny: LoadedMode
         assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
         llm.pool.check_integrity()
         for layer in seq.cache.paged_layers:
-            layer.table.check()
+            layer.check()
         logits = seq.step(sample(logits, SamplingParams(), None))
         checks += 1
     assert seq.num_cached == len(PROMPT) + 200
@@ -56,7 +73,7 @@ def test_token_and_fraction_budgets(llama: LoadedModel, policy: str) -> None:
     seq = by_tokens.new_sequence()
     seq.token_ids = list(range(3, 160))
     seq.prefill(64)
-    assert all(layer.table.num_held <= 48 for layer in seq.cache.paged_layers)
+    assert all(layer.held <= 48 for layer in seq.cache.paged_layers)
     seq.release()
 
     by_share = LLM(llama, block_size=4, kv_budget="25%", policy=policy)
@@ -64,7 +81,7 @@ def test_token_and_fraction_budgets(llama: LoadedModel, policy: str) -> None:
     seq.token_ids = list(range(3, 160))
     seq.prefill(64)
     for layer in seq.cache.paged_layers:
-        assert layer.table.num_held <= 0.25 * 157 + 4
+        assert layer.held <= 0.25 * 157 + 4
     seq.release()
 
 
@@ -110,6 +127,18 @@ def test_bad_policy_input() -> None:
         LLM.__new__(LLM).__init__("smollm2-135m", kv_budget="25%")
     with pytest.raises(InvalidBudgetError):
         KVBudget.parse("150%")
+    with pytest.raises(InvalidBudgetError, match="bytes or tokens"):
+        make_policy("h2o+mixed", KVBudget.parse("25%"))
+    for spec, why in [
+        ("tova+adakv", "scores every head alike"),
+        ("streamingllm+adakv", "scores every head alike"),
+        ("snapkv+adakv+merge", "cannot be combined with merging"),
+        ("adakv", "needs an eviction method"),
+        ("snapkv+h2o", "at most one"),
+        ("h2o+adakv+mixed", "cannot be combined"),
+    ]:
+        with pytest.raises(UnknownPolicyError, match=why):
+            make_policy(spec, KVBudget.parse("25%"))
 
 
 def test_budget_too_small_for_any_cache(gemma: LoadedModel) -> None:
@@ -165,3 +194,39 @@ def test_pyramid_chunked_prefill_matches_one_layer_at_a_time(llama: LoadedModel)
     torch.testing.assert_close(out, torch.stack(steps), rtol=0, atol=1e-4)
     chunked.release()
     single.release()
+
+
+def test_cake_measures_layer_shares_once_and_keeps_them(tiny: LoadedModel) -> None:
+    llm = LLM(tiny, block_size=4, kv_budget="16KiB", policy="keynorm+cake")
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 150))
+    logits = seq.prefill(512)  # chunks shrink once the measured shares lower a layer's capacity
+    weights = seq.cache.layer_weights
+    assert weights is not None and abs(sum(weights) / len(weights) - 1) < 1e-6
+    for _ in range(30):
+        logits = seq.step(sample(logits, SamplingParams(), None))
+        assert llm.pool.bytes_used <= 16 * 1024
+    assert seq.cache.layer_weights == weights
+    seq.release()
+
+
+def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel) -> None:
+    llm = LLM(tiny, block_size=4, kv_budget="8tok", policy="h2o+mixed")
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 40))
+    seq.prefill(4)
+    for layer in seq.cache.paged_layers:
+        if layer.window is not None:
+            continue
+        assert isinstance(layer, MixedLayer) and layer.ratio >= 1
+        layer.check()
+        assert layer.held <= 8 and layer.num_low <= 8 * layer.ratio
+        assert layer.held + layer.num_low > 8  # more tokens visible than an eviction would keep
+        keys, _ = layer.gather()
+        assert keys.shape[2] == layer.held + layer.num_low
+        # demoted tokens are stored packed: every full low block is a quantized byte buffer
+        full_low = layer.num_low // 4
+        assert all(p is not None for p in layer.low._packed[: full_low - 1])
+        assert layer.attention is not None and layer.attention.shape[1] == keys.shape[2]
+    assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
+    seq.release()

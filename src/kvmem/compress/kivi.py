@@ -74,6 +74,10 @@ class KIVI:
     def name(self) -> str:
         return f"kivi{self.bits}"
 
+    @property
+    def summary(self) -> str:
+        return f"KIVI {self.bits}-bit: keys per channel, values per token, last block exact"
+
     def layout(self, heads: int, block_size: int, head_dim: int) -> BlockLayout:
         return BlockLayout(
             heads,

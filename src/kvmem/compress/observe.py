@@ -2,9 +2,10 @@
 
 ``kvmem_sdpa`` is transformers' SDPA attention plus one thing: when the forward call carries a
 ``kvmem_observer`` keyword (transformers passes model keywords down to the attention function),
-the observer sees each layer's queries and keys; and a full-attention layer holding fewer tokens
-than the mask was built for (per-layer budgets) gets a mask of its own size. Otherwise it is
-plain SDPA.
+the observer sees each layer's queries and keys; a full-attention layer holding fewer tokens
+than the mask was built for (per-layer budgets) gets a mask of its own size; and a layer whose
+heads hold different numbers of tokens (AdaKV) gets a per-head mask hiding its padding.
+Otherwise it is plain SDPA.
 """
 
 from __future__ import annotations
@@ -39,20 +40,33 @@ class Observer:
             joined = q if old is None else torch.cat([old, q], dim=1)
             layer.recent_queries = joined[:, -self.query_window :]
         if self.accumulate:
-            layer.attention = _accumulate(layer.attention, q, key[0], scaling)
+            layer.attention = _accumulate(layer.attention, q, key[0], scaling, layer.valid())
+
+    def valid(self, layer_idx: int) -> torch.Tensor | None:
+        """[H, T] bool, False on a layer's padding slots; None when it has none."""
+        return self.cache.layers[layer_idx].valid()
 
 
 def _accumulate(
-    old: torch.Tensor | None, q: torch.Tensor, keys: torch.Tensor, scaling: float
+    old: torch.Tensor | None,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Add the attention of the new queries (causal among themselves) to each token's total: [H, T]."""
+    """Add the attention of the new queries (causal among themselves) to each token's total: [H, T].
+
+    Padding slots (``valid`` False) receive none."""
     heads, t = keys.shape[0], keys.shape[1]
     n = q.shape[1]
     groups = q.shape[0] // heads
     logits = (q.reshape(heads, groups * n, -1) @ keys.transpose(1, 2)).float() * scaling
     logits = logits.reshape(heads, groups, n, t)
     later = torch.arange(t).view(1, t) > (t - n + torch.arange(n)).view(n, 1)  # [n, T]
-    received = torch.softmax(logits.masked_fill(later, float("-inf")), dim=-1).sum(dim=2).mean(dim=1)
+    logits = logits.masked_fill(later, float("-inf"))
+    if valid is not None:
+        logits = logits.masked_fill(~valid.view(heads, 1, 1, t), float("-inf"))
+    received = torch.softmax(logits, dim=-1).sum(dim=2).mean(dim=1)
     if old is not None:
         received[:, : old.shape[1]] += old
     return received
@@ -69,7 +83,8 @@ def kvmem_sdpa(
 ) -> tuple[torch.Tensor, None]:
     observer = kwargs.pop("kvmem_observer", None)
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None and attention_mask.shape[-1] != kv_len:
+    valid = None if observer is None else observer.valid(module.layer_idx)  # [H, T]
+    if valid is not None or (attention_mask is not None and attention_mask.shape[-1] != kv_len):
         # transformers builds one mask per layer type, sized for the first layer of that type;
         # with per-layer budgets another full layer may hold fewer tokens. Its held tokens are
         # all in the past of the new ones, so: every held key visible, causal among the new.
@@ -77,6 +92,10 @@ def kvmem_sdpa(
             q_len, 1
         )
         attention_mask = visible.view(1, 1, q_len, kv_len)
+        if valid is not None:  # per head; query heads of a GQA group share their KV head's mask
+            groups = query.shape[1] // key.shape[1]
+            per_head = valid.repeat_interleave(groups, dim=0)  # [Hq, T]
+            attention_mask = attention_mask & per_head.view(1, -1, 1, kv_len)
     if observer is not None:
         head_dim = query.shape[-1]
         observer.observe(module.layer_idx, query, key, scaling if scaling is not None else head_dim**-0.5)

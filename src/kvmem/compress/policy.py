@@ -19,11 +19,15 @@ import torch
 
 from kvmem.compress.allocator import Allocator, Uniform
 from kvmem.compress.budget import KVBudget
-from kvmem.compress.kivi import KIVI
+from kvmem.compress.heads import AdaKV
 from kvmem.compress.merge import Merge
+from kvmem.compress.mixed import MixedPrecision
+from kvmem.compress.quantizer import Quantizer
 from kvmem.compress.scorer import ScoreInputs, Scorer
 from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache import KVMemCache, PagedLayer
+from kvmem.model.mixed import MixedLayer
+from kvmem.model.ragged import RaggedLayer
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,28 @@ class Policy:
 
     scorer: Scorer | None
     budget: KVBudget
-    quant: KIVI | None = None
+    quant: Quantizer | None = None
     allocator: Allocator = field(default_factory=Uniform)
     merge: Merge | None = None
+    heads: AdaKV | None = None
+    mixed: MixedPrecision | None = None
 
     def __post_init__(self) -> None:
         if self.scorer is None and self.quant is None:
             raise ValueError("a policy needs an eviction scorer, a quantizer, or both")
+        if self.heads is not None and (self.scorer is None or not self.scorer.per_head):
+            why = "it needs an eviction method" if self.scorer is None else "its scorer scores heads alike"
+            raise ValueError(f"{self.heads.name} shares a layer's budget among heads by their scores; {why}")
+        if self.heads is not None and self.merge is not None:
+            raise ValueError(f"{self.heads.name} cannot be combined with merging")
+        if self.mixed is not None:
+            if self.scorer is None or self.heads is not None or self.merge is not None:
+                raise ValueError("mixed precision needs an eviction method, and no adakv or merging")
+            if self.budget.bytes is None and self.budget.tokens is None:
+                raise InvalidBudgetError(
+                    "mixed precision needs a KV budget in bytes or tokens (a % budget counts tokens, "
+                    "and mixed precision keeps them all at one precision or another)"
+                )
         if self.scorer is None and (self.budget.fraction is not None or self.budget.tokens is not None):
             raise InvalidBudgetError(
                 "a KV budget in % or tokens needs an eviction method (quantization alone cannot drop tokens)"
@@ -51,7 +70,7 @@ class Policy:
     @property
     def name(self) -> str:
         allocator = None if isinstance(self.allocator, Uniform) else self.allocator
-        parts = (self.scorer, allocator, self.merge, self.quant)
+        parts = (self.scorer, allocator, self.heads, self.mixed, self.merge, self.quant)
         return "+".join(part.name for part in parts if part is not None)
 
     def capacities(self, cache: KVMemCache) -> dict[int, int] | None:
@@ -59,7 +78,7 @@ class Policy:
         if self.scorer is None or (self.budget.tokens is None and self.budget.bytes is None):
             return None
         full = _compressible(cache)
-        weights = self.allocator.weights(len(full))
+        weights = self.layer_weights(cache)
         if self.budget.tokens is not None:
             return {layer.layer_idx: max(1, round(self.budget.tokens * w)) for layer, w in zip(full, weights)}
         assert self.budget.bytes is not None
@@ -80,6 +99,18 @@ class Policy:
             blocks[largest] -= 1
         return {layer.layer_idx: n * cache.pool.block_size for layer, n in zip(full, blocks)}
 
+    def layer_weights(self, cache: KVMemCache) -> list[float]:
+        """The allocator's shares for this sequence; measured ones are kept on the cache."""
+        if cache.layer_weights is not None:
+            return cache.layer_weights
+        full = _compressible(cache)
+        weights = self.allocator.weights(full)
+        if weights is None:
+            return [1.0] * len(full)
+        if self.allocator.query_window:  # measured from attention: fixed for the sequence
+            cache.layer_weights = weights
+        return weights
+
     def max_chunk(self, cache: KVMemCache) -> int | None:
         """The largest forward the policy can make room for (half the smallest capacity)."""
         capacities = self.capacities(cache)
@@ -94,38 +125,52 @@ class Policy:
             if q > capacity:
                 raise ValueError(f"a forward of {q} tokens cannot fit a capacity of {capacity} tokens")
             slack = max(1, min(cache.pool.block_size, capacity // 4))
-            if layer.table.num_held + q > capacity:
-                self.evict(layer, max(capacity - max(q, slack), 1))
+            if layer.held + q > capacity:
+                self.evict(layer, max(capacity - max(q, slack), 1), capacity)
 
     def after_forward(self, cache: KVMemCache) -> None:
         if self.budget.fraction is None or self.budget.fraction >= 1 or self.scorer is None:
             return  # 100%: nothing to take from any layer
         full = _compressible(cache)
-        for layer, weight in zip(full, self.allocator.weights(len(full))):
-            target = max(1, math.ceil(min(1.0, self.budget.fraction * weight) * layer.table.length))
+        for layer, weight in zip(full, self.layer_weights(cache)):
+            target = max(1, math.ceil(min(1.0, self.budget.fraction * weight) * layer.seq_length))
             # hysteresis: compact once a block's worth is over, not at every token
-            if layer.table.num_held >= target + min(cache.pool.block_size, max(1, target // 4)):
+            if layer.held >= target + min(cache.pool.block_size, max(1, target // 4)):
                 self.evict(layer, target)
 
-    def evict(self, layer: PagedLayer, keep: int) -> None:
-        """Keep the ``keep`` best-scored tokens of each head of ``layer``; free the rest."""
-        held = layer.table.num_held
-        if keep >= held or self.scorer is None:
+    def evict(self, layer: PagedLayer, keep: int, capacity: int | None = None) -> None:
+        """Keep the ``keep`` best-scored tokens of each head of ``layer``; free the rest (or, with
+        mixed precision, demote them to the layer's low-precision store of ``ratio * capacity``)."""
+        if keep >= layer.held or self.scorer is None:
             return
-        keys, values = layer.gather()
+        attention = layer.attention
+        if isinstance(layer, MixedLayer):  # only the high-precision tokens compete
+            keys, values = layer.high.gather()
+            attention = None if attention is None else attention[:, layer.num_low :]
+        else:
+            keys, values = layer.gather()
+        valid = layer.valid()  # [H, T] where heads hold different counts (AdaKV), else None
         scores = self.scorer.score(
             ScoreInputs(
                 keys=keys[0],
                 values=values[0],
                 queries=layer.recent_queries,
-                attention=layer.attention,
+                attention=attention,
                 scaling=layer.head_dim**-0.5 if layer.scaling is None else layer.scaling,
                 keep=keep,
                 layer_idx=layer.layer_idx,
+                valid=valid,
             )
         )
+        if self.heads is not None:
+            assert isinstance(layer, RaggedLayer)
+            layer.compact_heads(self.heads.select(scores, valid, keep))
+            return
         chosen = torch.topk(scores, keep, dim=-1).indices.sort(dim=-1).values  # [H, keep]
-        if self.merge is None:
+        if isinstance(layer, MixedLayer):
+            assert capacity is not None, "mixed precision needs a fixed capacity"
+            layer.demote(chosen, layer.ratio * capacity)
+        elif self.merge is None:
             layer.compact(chosen)
         else:
             layer.compact(chosen, *self.merge.apply(keys[0], values[0], chosen))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from kvmem.compress.allocator import ALLOCATORS, Uniform
+from kvmem.compress.bfp import BlockFloat
 from kvmem.compress.budget import KVBudget
+from kvmem.compress.heads import AdaKV
 from kvmem.compress.kivi import KIVI
 from kvmem.compress.merge import Merge
+from kvmem.compress.mixed import MixedPrecision
 from kvmem.compress.policy import Policy
+from kvmem.compress.quantizer import Quantizer
 from kvmem.compress.scorer import Scorer
 from kvmem.compress.scorers.h2o import H2O
 from kvmem.compress.scorers.key_norm import KeyNorm
@@ -22,8 +26,9 @@ SCORERS: dict[str, type[Scorer]] = {
 }
 
 
-QUANTIZERS: dict[str, KIVI] = {q.name: q for q in (KIVI(2), KIVI(4), KIVI(8))}
-_QUANT_SUMMARY = "KIVI {bits}-bit: keys per channel, values per token, last block exact"
+QUANTIZERS: dict[str, Quantizer] = {
+    q.name: q for q in (KIVI(2), KIVI(4), KIVI(8), BlockFloat(4), BlockFloat(8))
+}
 
 
 class UnknownPolicyError(KVMemError):
@@ -34,7 +39,7 @@ def make_scorer(name: str) -> Scorer:
     try:
         return SCORERS[name.strip().lower()]()
     except KeyError:
-        known = ", ".join([*SCORERS, "pyramid", "merge", *QUANTIZERS])
+        known = ", ".join([*SCORERS, *ALLOCATORS, AdaKV.name, MixedPrecision.name, Merge.name, *QUANTIZERS])
         raise UnknownPolicyError(
             f"unknown policy {name!r}; known policies: {known}, or one of each joined by '+' "
             "(see `kvmem policies`)"
@@ -43,34 +48,51 @@ def make_scorer(name: str) -> Scorer:
 
 def make_policy(spec: str, budget: KVBudget) -> Policy:
     """``"snapkv"``, ``"kivi4"`` or a combination such as ``"snapkv+kivi4"`` (at most one of each)."""
-    scorers, quants, allocators, merges = [], [], [], []
+    scorers, quants, allocators, merges, heads, mixed = [], [], [], [], [], []
     for part in (p.strip().lower() for p in spec.split("+")):
-        if part == Merge.name:
+        if part == MixedPrecision.name:
+            mixed.append(MixedPrecision())
+        elif part == Merge.name:
             merges.append(Merge())
+        elif part == AdaKV.name:
+            heads.append(AdaKV())
         elif part in QUANTIZERS:
             quants.append(QUANTIZERS[part])
         elif part in ALLOCATORS:
             allocators.append(ALLOCATORS[part])
         else:
             scorers.append(make_scorer(part))
-    if len(scorers) > 1 or len(quants) > 1 or len(allocators) > 1 or len(merges) > 1:
+    if any(len(parts) > 1 for parts in (scorers, quants, allocators, merges, heads, mixed)):
         raise UnknownPolicyError(
-            f"policy {spec!r}: combine at most one eviction method, one layer allocation and one quantizer"
+            f"policy {spec!r}: combine at most one eviction method, one layer allocation, one head "
+            "allocation, merging and one quantizer"
         )
-    if (allocators or merges) and not scorers:
+    if (allocators or merges or heads or mixed) and not scorers:
         raise UnknownPolicyError(f"policy {spec!r}: '{spec}' needs an eviction method to apply")
+    if heads and not scorers[0].per_head:
+        raise UnknownPolicyError(
+            f"policy {spec!r}: adakv needs scores per head; {scorers[0].name} scores every head alike"
+        )
+    if heads and merges:
+        raise UnknownPolicyError(f"policy {spec!r}: adakv cannot be combined with merging")
+    if mixed and (heads or merges):
+        raise UnknownPolicyError(f"policy {spec!r}: mixed cannot be combined with adakv or merging")
     return Policy(
         scorers[0] if scorers else None,
         budget,
         quants[0] if quants else None,
         allocators[0] if allocators else Uniform(),
         merges[0] if merges else None,
+        heads[0] if heads else None,
+        mixed[0] if mixed else None,
     )
 
 
 def describe_policies() -> list[tuple[str, str]]:
     rows = [(name, cls.summary) for name, cls in SCORERS.items()]
     rows += [(name, a.summary) for name, a in ALLOCATORS.items() if name != "uniform"]
+    rows.append((AdaKV.name, AdaKV.summary))
+    rows.append((MixedPrecision.name, MixedPrecision.summary))
     rows.append((Merge.name, Merge.summary))
-    rows += [(name, _QUANT_SUMMARY.format(bits=q.bits)) for name, q in QUANTIZERS.items()]
+    rows += [(name, q.summary) for name, q in QUANTIZERS.items()]
     return rows

@@ -20,6 +20,7 @@ class ScoreInputs:
     scaling: float
     keep: int  # how many slots per head will be kept
     layer_idx: int
+    valid: torch.Tensor | None = None  # [H, T] bool: False marks padding (heads of unequal length)
 
     @property
     def num_tokens(self) -> int:
@@ -31,23 +32,29 @@ class Scorer(ABC):
 
     ``query_window > 0`` asks the engine to remember that many recent queries per layer;
     ``accumulates`` asks it to add up, for every held token, the attention it receives.
+    ``per_head`` says each head's scores depend on that head's tokens only, which head-adaptive
+    budgets (AdaKV), where heads hold different tokens, need.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     query_window: ClassVar[int] = 0
     accumulates: ClassVar[bool] = False
+    per_head: ClassVar[bool] = True
 
     @abstractmethod
     def score(self, x: ScoreInputs) -> torch.Tensor:
         """Scores [H, T]; the ``keep`` highest of each head stay. ``inf`` forces a token to stay."""
 
 
-def recent_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+def recent_attention(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Softmax attention of the recent queries over the held keys, per KV head: [H, w, T].
 
     Query ``i`` of ``w`` sits at the position of key ``T - w + i`` and sees no later key. Query
-    heads of a GQA group are averaged onto their KV head.
+    heads of a GQA group are averaged onto their KV head. Slots where ``valid`` ([H, T]) is False
+    (padding) get no attention.
     """
     heads, w, t = keys.shape[0], queries.shape[1], keys.shape[1]
     groups = queries.shape[0] // heads
@@ -56,6 +63,8 @@ def recent_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) 
     logits = logits.reshape(heads, groups, w, t)
     later = torch.arange(t).view(1, t) > (t - w + torch.arange(w)).view(w, 1)  # [w, T]
     logits = logits.masked_fill(later, float("-inf"))
+    if valid is not None:
+        logits = logits.masked_fill(~valid.view(heads, 1, 1, t), float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=1)  # [H, w, T]
 
 

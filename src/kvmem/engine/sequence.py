@@ -27,12 +27,22 @@ class Sequence:
         self.pool = pool
         self.spec = spec
         self.policy = policy
-        self.cache = KVMemCache(pool, spec, None if policy is None else policy.quant)
+        ragged = policy is not None and policy.heads is not None
+        self.cache = KVMemCache(
+            pool,
+            spec,
+            None if policy is None else policy.quant,
+            ragged=ragged,
+            mixed=None if policy is None else policy.mixed,
+        )
         self.token_ids: list[int] = []
         scorer = policy.scorer if policy is not None else None
+        window = (
+            0 if scorer is None or policy is None else max(scorer.query_window, policy.allocator.query_window)
+        )
         self.observer = (
-            Observer(self.cache, scorer.query_window, scorer.accumulates)
-            if scorer is not None and (scorer.query_window or scorer.accumulates)
+            Observer(self.cache, window, scorer.accumulates)
+            if scorer is not None and (window or scorer.accumulates or ragged)
             else None
         )
 
@@ -65,14 +75,17 @@ class Sequence:
         pending = self.token_ids[self.num_cached :]
         if not pending:
             raise ValueError("nothing to prefill: every token is already cached")
-        if self.policy is not None:
-            chunk_size = min(chunk_size, self.policy.max_chunk(self.cache) or chunk_size)
-        outputs = []
-        for start in range(0, len(pending), chunk_size):
-            chunk = torch.tensor([pending[start : start + chunk_size]], dtype=torch.long)  # [1, q]
+        outputs, start = [], 0
+        while start < len(pending):
+            # a policy's per-layer capacities may change as it learns (CAKE): size each chunk anew
+            size = chunk_size
+            if self.policy is not None:
+                size = min(size, self.policy.max_chunk(self.cache) or size)
+            chunk = torch.tensor([pending[start : start + size]], dtype=torch.long)  # [1, q]
             logits = self._forward(chunk, keep_all=all_logits)  # [1, q or 1, V]
             if all_logits:
                 outputs.append(logits[0])
+            start += size
         return torch.cat(outputs) if all_logits else logits[0, -1]
 
     @torch.inference_mode()
@@ -96,6 +109,18 @@ class Sequence:
         if self.policy is not None:
             self.policy.after_forward(self.cache)
         return out.logits.float()
+
+    def fork(self, pool: KVPool | None = None) -> Sequence:
+        """An independent copy of this sequence (tokens and cache) in ``pool`` (default: a new
+        pool with this one's configuration). The copy's blocks are new: it costs their bytes."""
+        pool = pool if pool is not None else KVPool(self.pool.config)
+        new = Sequence(self.model, pool, self.spec, self.policy)
+        new.cache.release()
+        new.cache = self.cache.copy_to(pool)
+        if new.observer is not None:
+            new.observer.cache = new.cache
+        new.token_ids = list(self.token_ids)
+        return new
 
     def release(self) -> None:
         self.cache.release()

@@ -13,12 +13,14 @@ the window are freed, which is real memory saved.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvmem.compress.kivi import KIVI
+from kvmem.compress.mixed import MixedPrecision
+from kvmem.compress.quantizer import Quantizer
 from kvmem.kv.pool import KVPool, block_nbytes
 from kvmem.kv.table import BlockTable
 from kvmem.model.spec import ModelSpec
@@ -38,7 +40,7 @@ class PagedLayer(CacheLayerMixin):
         window: int | None,
         dtype: torch.dtype,
         layer_idx: int = 0,
-        quant: KIVI | None = None,
+        quant: Quantizer | None = None,
     ) -> None:
         super().__init__()
         self.pool = pool
@@ -61,6 +63,25 @@ class PagedLayer(CacheLayerMixin):
         # Statistics kept for compression scorers (see kvmem.compress.observe).
         self.recent_queries: torch.Tensor | None = None  # [Hq, w, D]
         self.attention: torch.Tensor | None = None  # [H, held]
+
+    @property
+    def held(self) -> int:
+        """Tokens held per head."""
+        return self.table.num_held
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens of the sequence this layer has seen."""
+        return self.table.length
+
+    def valid(self) -> torch.Tensor | None:
+        """[H, T] bool, False where ``gather`` pads a head; None: every head holds every slot."""
+        return None
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` if the layer's bookkeeping is inconsistent."""
+        self.table.check()
+        assert len(self._keys) == len(self._values) == len(self._packed) == len(self.table.block_ids)
 
     @property
     def keep(self) -> int | None:
@@ -106,7 +127,7 @@ class PagedLayer(CacheLayerMixin):
         while written < q:
             fill = table.last_fill
             if not table.block_ids or fill == bs:
-                if table.block_ids and self.quant is not None:
+                if table.block_ids and self.quant is not None and self._packed[-1] is None:
                     self._quantize_last()
                 block_id = self.pool.allocate(self.num_heads, self.head_dim, k.dtype, k.device)
                 table.block_ids.append(block_id)
@@ -239,6 +260,14 @@ class PagedLayer(CacheLayerMixin):
         if self.attention is not None:
             self.attention = self.attention.gather(1, keep)
 
+    def drop_block(self, i: int) -> None:
+        """Free block ``i``, a full one: its tokens leave the layer (the others keep their order)."""
+        table, bs = self.table, self.table.block_size
+        assert self.window is None and (i < len(table.block_ids) - 1 or table.last_fill == bs)
+        self.pool.decref(table.block_ids.pop(i))
+        del self._keys[i], self._values[i], self._packed[i]
+        table.start += bs
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         length = self.table.length
         if self.window is None:
@@ -253,6 +282,29 @@ class PagedLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1 if self.window is None else self.window
+
+    def copy_to(self, pool: KVPool) -> PagedLayer:
+        """An independent copy of this layer whose blocks live in ``pool`` (same block size)."""
+        new = copy.copy(self)
+        new.pool = pool
+        new.table = BlockTable(pool.block_size)
+        new.table.start, new.table.length = self.table.start, self.table.length
+        new._keys, new._values, new._packed = [], [], []
+        for block_id, packed in zip(self.table.block_ids, self._packed):
+            source = self.pool.tensor(block_id)
+            if packed is None:  # [2, H, bs, D]
+                copy_id = pool.allocate(self.num_heads, self.head_dim, source.dtype, source.device)
+            else:
+                copy_id = pool.allocate_raw(source.numel(), source.device)
+            block = pool.tensor(copy_id)
+            block.copy_(source)
+            new.table.block_ids.append(copy_id)
+            new._keys.append(None if packed is not None else block[0])
+            new._values.append(None if packed is not None else block[1])
+            new._packed.append(block if packed is not None else None)
+        new.recent_queries = None if self.recent_queries is None else self.recent_queries.clone()
+        new.attention = None if self.attention is None else self.attention.clone()
+        return new
 
     def release(self) -> None:
         """Give every block back to the pool; the layer is empty afterwards."""
@@ -279,16 +331,38 @@ def _concat(views: list[torch.Tensor], first: int, offset: int, fill: int) -> to
 
 
 class KVMemCache(Cache):
-    """A transformers ``Cache`` for one sequence whose keys and values live in a ``KVPool``."""
+    """A transformers ``Cache`` for one sequence whose keys and values live in a ``KVPool``.
 
-    def __init__(self, pool: KVPool, spec: ModelSpec, quant: KIVI | None = None) -> None:
+    ``ragged=True`` gives each full-attention layer per-head storage (``RaggedLayer``), for
+    policies whose heads keep different numbers of tokens (AdaKV); ``mixed`` gives each a
+    low-precision store for demoted tokens (``MixedLayer``).
+    """
+
+    def __init__(
+        self,
+        pool: KVPool,
+        spec: ModelSpec,
+        quant: Quantizer | None = None,
+        ragged: bool = False,
+        mixed: MixedPrecision | None = None,
+    ) -> None:
+        # both build on PagedLayer, defined above
+        from kvmem.model.mixed import MixedLayer
+        from kvmem.model.ragged import RaggedLayer
+
         self.pool = pool
         self.spec = spec
-        layers = [
-            PagedLayer(pool, spec.num_kv_heads, spec.head_dim, w, spec.dtype, i, quant)
-            for i, w in enumerate(spec.windows)
-        ]
+        h, d = spec.num_kv_heads, spec.head_dim
+        layers: list[PagedLayer] = []
+        for i, w in enumerate(spec.windows):
+            if w is None and ragged:
+                layers.append(RaggedLayer(pool, h, d, spec.dtype, i, quant))
+            elif w is None and mixed is not None:
+                layers.append(MixedLayer(pool, h, d, spec.dtype, i, quant, mixed.low, mixed.low_share))
+            else:
+                layers.append(PagedLayer(pool, h, d, w, spec.dtype, i, quant))
         super().__init__(layers=layers)  # type: ignore[arg-type]
+        self.layer_weights: list[float] | None = None  # a compression policy's per-layer shares
 
     @property
     def paged_layers(self) -> list[PagedLayer]:
@@ -321,6 +395,14 @@ class KVMemCache(Cache):
     def bytes_to_grow(self, n: int) -> int:
         """Extra bytes that always suffice for ``n`` more tokens, whatever the chunking."""
         return sum(layer.max_bytes_to_grow(n) for layer in self.paged_layers) - self.nbytes
+
+    def copy_to(self, pool: KVPool) -> KVMemCache:
+        """An independent copy of this cache in ``pool`` (e.g. to branch a sequence)."""
+        new = copy.copy(self)
+        new.pool = pool
+        new.layers = [layer.copy_to(pool) for layer in self.paged_layers]
+        new.layer_weights = None if self.layer_weights is None else list(self.layer_weights)
+        return new
 
     def release(self) -> None:
         for layer in self.paged_layers:

@@ -27,7 +27,7 @@ class Scissorhands(Scorer):
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         assert x.queries is not None
-        attention = recent_attention(x.queries, x.keys, x.scaling)  # [H, w, T]
+        attention = recent_attention(x.queries, x.keys, x.scaling, x.valid)  # [H, w, T]
         visible = (attention > 0).sum(dim=-1, keepdim=True).clamp(min=1)  # tokens each query sees
         pivotal = (attention > 1.0 / visible).sum(dim=1).float()  # [H, T]
         return protect_last(pivotal + attention.sum(dim=1) / (attention.shape[1] + 1), self.recent)

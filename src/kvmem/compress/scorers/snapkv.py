@@ -28,6 +28,6 @@ class SnapKV(Scorer):
     def score(self, x: ScoreInputs) -> torch.Tensor:
         assert x.queries is not None
         w = x.queries.shape[1]
-        votes = recent_attention(x.queries, x.keys, x.scaling).sum(dim=1)  # [H, T]
+        votes = recent_attention(x.queries, x.keys, x.scaling, x.valid).sum(dim=1)  # [H, T]
         pooled = F.avg_pool1d(votes.unsqueeze(1), self.kernel, stride=1, padding=self.kernel // 2)
         return protect_last(pooled.squeeze(1)[:, : x.num_tokens], w)

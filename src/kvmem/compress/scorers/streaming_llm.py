@@ -15,6 +15,7 @@ class StreamingLLM(Scorer):
 
     name = "streamingllm"
     summary = "attention sinks (first tokens) + the most recent window"
+    per_head = False  # scores are slot positions, the same for every head
     sinks: int = 4
 
     def score(self, x: ScoreInputs) -> torch.Tensor:

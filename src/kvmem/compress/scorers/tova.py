@@ -15,6 +15,7 @@ class TOVA(Scorer):
 
     name = "tova"
     summary = "attention of the last query, averaged over heads"
+    per_head = False  # one score for all heads
     query_window = 1
 
     def score(self, x: ScoreInputs) -> torch.Tensor:

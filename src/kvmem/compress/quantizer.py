@@ -1,0 +1,50 @@
+"""The ``Quantizer`` contract: how ``PagedLayer`` stores a full block of keys and values in bytes.
+
+A quantizer turns one full block (keys, values: [H, bs, D]) into one ``uint8`` buffer of exactly
+``layout.nbytes`` bytes, so the pool counts the real bytes held, and back. ``PagedLayer`` calls
+``layout`` once and passes that same object to every ``encode`` and ``decode`` of the layer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+import torch
+
+
+class Layout(Protocol):
+    """Where each part of a quantized block sits in its byte buffer."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one quantized block, everything included."""
+        ...
+
+
+L = TypeVar("L", bound=Layout)
+
+
+class Quantizer(Protocol[L]):
+    """A block format (KIVI, BFP, …). ``L`` is its layout type; a bare ``Quantizer`` means any.
+
+    ``encode`` writes ``out`` (uint8 [layout.nbytes]) and may record per-layer state on the
+    layout (BFP's channel permutation); it never keeps a reference to ``keys`` or ``values``.
+    ``decode`` reads only the buffer and the layout's geometry, so a block decodes on its own.
+    """
+
+    @property
+    def name(self) -> str: ...  # registry name, e.g. "kivi4"
+
+    @property
+    def bits(self) -> int: ...  # bits of each element's code
+
+    @property
+    def summary(self) -> str: ...  # one line for `kvmem policies`
+
+    def layout(self, heads: int, block_size: int, head_dim: int) -> L: ...
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor, layout: L, out: torch.Tensor) -> None: ...
+
+    def decode(
+        self, buffer: torch.Tensor, layout: L, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...

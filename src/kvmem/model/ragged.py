@@ -1,0 +1,171 @@
+"""A full-attention layer whose KV heads hold different numbers of tokens (head-adaptive budgets).
+
+AdaKV gives each head of a layer its own share of the layer's budget, so after eviction the
+heads keep different numbers of tokens. Masking the dropped slots would save nothing: here each
+head has blocks of its own (a single-head ``PagedLayer``), so a head that keeps fewer tokens
+holds fewer blocks, and the pool counts only those.
+
+Attention sees the heads gathered into one transient tensor, padded at the front to the longest
+head: [1, H, T, D]. Front padding keeps every head's newest tokens in the last slots, so the
+causal part of the mask is the same for all heads; ``valid()`` marks the padding, which
+``kvmem_sdpa`` and the scorers mask out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvmem.compress.quantizer import Quantizer
+from kvmem.kv.pool import KVPool
+from kvmem.model.cache import PagedLayer
+
+
+class RaggedLayer(PagedLayer):
+    """One full-attention layer of one sequence; head ``h`` lives in ``self.heads[h]``.
+
+    The inherited block table stays empty: every block belongs to one of the per-head layers.
+    """
+
+    def __init__(
+        self,
+        pool: KVPool,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        layer_idx: int = 0,
+        quant: Quantizer | None = None,
+    ) -> None:
+        super().__init__(pool, num_heads, head_dim, None, dtype, layer_idx, quant)
+        self.heads = [PagedLayer(pool, 1, head_dim, None, dtype, layer_idx, quant) for _ in range(num_heads)]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        for head in self.heads:
+            head.lazy_initialization(key_states, value_states)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held by each head."""
+        return [head.held for head in self.heads]
+
+    @property
+    def held(self) -> int:
+        """Tokens held per head on average, rounded up (what a layer budget counts)."""
+        return -(-sum(self.lengths) // self.num_heads)
+
+    @property
+    def seq_length(self) -> int:
+        return self.heads[0].seq_length
+
+    def valid(self) -> torch.Tensor:
+        lengths = torch.tensor(self.lengths)
+        t = int(lengths.max())
+        return torch.arange(t).view(1, t) >= (t - lengths).view(-1, 1)  # [H, T]
+
+    def check(self) -> None:
+        assert not self.table.block_ids
+        for head in self.heads:
+            head.check()
+            assert head.seq_length == self.seq_length
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [1, H, q, D]
+        if key_states.shape[0] != 1:
+            raise ValueError("kvmem's cache holds one sequence per cache object (batch size 1)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        for h, head in enumerate(self.heads):
+            head._append(key_states[0, h : h + 1], value_states[0, h : h + 1])
+        return self.gather()
+
+    def gather(self, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every head, padded with zeros at the front: [1, H, T, D] each."""
+        assert last is None, "only sliding-window layers gather their last tokens"
+        parts = [head.gather() for head in self.heads]  # each [1, 1, T_h, D]
+        t = max(k.shape[2] for k, _ in parts)
+        shape = (1, self.num_heads, t, self.head_dim)
+        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for h, (k, v) in enumerate(parts):
+            n = k.shape[2]
+            keys[0, h, t - n :] = k[0, 0]
+            values[0, h, t - n :] = v[0, 0]
+        return keys, values
+
+    def cost_of_blocks(self, n: int) -> int:
+        """Most bytes the layer holds with at most ``n * block_size`` tokens per head on average.
+
+        Heads of ``k_h`` tokens need ``sum(ceil(k_h / bs))`` blocks, at most ``n * H + H - 1``
+        when ``sum(k_h) <= n * H * bs``: each head may leave one block partly filled.
+        """
+        if n == 0:
+            return 0
+        one = self.heads[0]
+        per_block = one.cost_of_blocks(2) - one.cost_of_blocks(1)
+        extra = one.cost_of_blocks(1) - per_block  # e.g. the full-precision residual of KIVI
+        heads = self.num_heads
+        return (n * heads + heads - 1) * per_block + heads * extra
+
+    def bytes_to_append(self, q: int) -> tuple[int, int]:
+        sizes = [head.bytes_to_append(q) for head in self.heads]
+        return sum(before for before, _ in sizes), sum(after for _, after in sizes)
+
+    def max_bytes_to_grow(self, n: int) -> int:
+        return sum(head.max_bytes_to_grow(n) for head in self.heads)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(head.nbytes for head in self.heads)
+
+    @torch.inference_mode()
+    def compact(
+        self,
+        keep: torch.Tensor,
+        kept_keys: torch.Tensor | None = None,
+        kept_values: torch.Tensor | None = None,
+    ) -> None:
+        """Keep the gathered slots ``keep`` ([H, k], ascending per head; padding never chosen)."""
+        if kept_keys is not None or kept_values is not None:
+            raise NotImplementedError("merging into a ragged layer is not supported")
+        mask = torch.zeros(self.valid().shape, dtype=torch.bool)
+        mask.scatter_(1, keep, True)
+        self.compact_heads(mask)
+
+    @torch.inference_mode()
+    def compact_heads(self, mask: torch.Tensor) -> None:
+        """Keep, in each head, the gathered slots where ``mask`` ([H, T] bool) is True."""
+        valid = self.valid()
+        assert mask.shape == valid.shape and not bool((mask & ~valid).any()), "padding chosen"
+        t = valid.shape[1]
+        kept = [mask[h].nonzero().flatten() for h in range(self.num_heads)]  # gathered slots
+        for head, slots in zip(self.heads, kept):
+            offset = t - head.held  # slot of the head's first token
+            head.compact((slots - offset).view(1, -1))
+        if self.attention is not None:  # re-pad the accumulated attention to the new layout
+            new_t = max(len(slots) for slots in kept)
+            attention = self.attention.new_zeros(self.num_heads, new_t)
+            for h, slots in enumerate(kept):
+                attention[h, new_t - len(slots) :] = self.attention[h, slots]
+            self.attention = attention
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        t = max(self.lengths)
+        return t + query_length, self.seq_length - t
+
+    def get_seq_length(self) -> int:
+        return self.seq_length
+
+    def copy_to(self, pool: KVPool) -> RaggedLayer:
+        new = super().copy_to(pool)
+        assert isinstance(new, RaggedLayer)
+        new.heads = [head.copy_to(pool) for head in self.heads]
+        return new
+
+    def release(self) -> None:
+        for head in self.heads:
+            head.release()
+        super().release()
