@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvmem.bench import cli as bench_cli
 from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="kvmem's main job: a multi-turn chat over a long document")
     _model_args(demo)
     demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
+
+    bench_cli.add_parser(sub)
     return parser
 
 
@@ -280,6 +283,7 @@ COMMANDS = {
     "info": cmd_info,
     "policies": cmd_policies,
     "demo": cmd_demo,
+    "bench": bench_cli.cmd_bench,
 }
 
 if __name__ == "__main__":

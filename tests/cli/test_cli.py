@@ -123,7 +123,7 @@ def test_policies_lists_every_registered_policy() -> None:
     proc = kvmem("policies")
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.strip().splitlines()]
-    assert names == [*SCORERS, "pyramid", "merge", *QUANTIZERS]
+    assert names == [*SCORERS, "pyramid", "cake", "adakv", "mixed", "merge", *QUANTIZERS]
 
 
 def test_generate_with_a_policy_stays_within_the_budget(tiny_folder: str) -> None:
@@ -145,3 +145,17 @@ def test_generate_with_a_policy_stays_within_the_budget(tiny_folder: str) -> Non
 )
 def test_bad_policy_input_exits_2(args: list[str], message: str) -> None:
     assert_usage_error(kvmem("generate", "--prompt", "hi", *args), message)
+
+
+def test_bench_help_and_bad_input() -> None:
+    proc = kvmem("bench", "--help")
+    assert proc.returncode == 0 and "--suite" in proc.stdout and "--budgets" in proc.stdout
+    for args, why in [
+        (["--methods", "full,nope"], "unknown policy"),
+        (["--budgets", "0.5,abc"], "--budgets"),
+        (["--budgets", "1.5"], "budgets are shares"),
+        (["--tasks", "passkey,nope"], "unknown task"),
+    ]:
+        proc = kvmem("bench", *args, "--out", "/nonexistent/never-written")
+        assert proc.returncode == 2, proc.stderr
+        assert why in proc.stderr and proc.stderr.count("\n") == 1

@@ -1,0 +1,97 @@
+"""What one ``kvmem bench`` run measures: methods, budgets, tasks, lengths, mode. Frozen and recorded
+with the results, so every number in a results folder says how it was made."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from kvmem.bench.registry import TASKS, UnknownTaskError
+
+Mode = Literal["single", "multiturn", "multirequest"]
+MODES: tuple[Mode, ...] = ("single", "multiturn", "multirequest")
+
+FULL = "full"  # kvmem with no policy: every token at full precision
+HF = "hf"  # transformers' own generate() with its DynamicCache, the reference a user knows
+PEERS = (HF,)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """``budgets`` are shares of the full cache's bytes for the same context (0.25: a quarter).
+
+    Methods are kvmem policy names (``snapkv``, ``snapkv+kivi4``, …), ``full`` or the peer ``hf``.
+    A method that cannot evict (a quantizer alone, ``full``, ``hf``) runs once, without a budget.
+    ``length`` is the prompt length in tokens; ``contexts`` the seeded contexts per task, each asked
+    all of its task's questions. ``speed_lengths``: contexts at which decode speed is measured.
+    """
+
+    model: str = "smollm2-135m"
+    methods: tuple[str, ...] = (FULL, HF, "streamingllm", "snapkv", "kivi4", "snapkv+kivi4")
+    budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
+    tasks: tuple[str, ...] = ("passkey", "multikey", "realtext")
+    length: int = 1024
+    contexts: int = 1
+    mode: Mode = "multiturn"
+    speed_lengths: tuple[int, ...] = (256, 1024)
+    speed_tokens: int = 16
+    seed: int = 0
+    block_size: int = 64
+    prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; modes: {', '.join(MODES)}")
+        for task in self.tasks:
+            if task not in TASKS:
+                raise UnknownTaskError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        if not self.methods:
+            raise ValueError("no methods to run")
+        if any(not 0 < b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets are shares of the full cache within (0, 1], got {self.budgets}")
+        if self.length < 64 or self.contexts < 1 or self.speed_tokens < 2:
+            raise ValueError("length must be at least 64 tokens, contexts and speed_tokens positive")
+
+    def replace(self, **changes: object) -> BenchConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+# SmolLM2's full-cache retrieval is reliable up to about 1.5k tokens; Gemma 3 270M to 3-4k.
+_LENGTHS = {
+    "quick": {"smollm2-135m": 1024, "gemma3-270m": 1536},
+    "full": {"smollm2-135m": 1536, "gemma3-270m": 3072},
+}
+
+
+def suite(name: str, model: str) -> BenchConfig:
+    """``quick`` (a few minutes on 2 cores, used in the README) or ``full``."""
+    if name not in _LENGTHS:
+        raise ValueError(f"unknown suite {name!r}; suites: {', '.join(_LENGTHS)}")
+    length = _LENGTHS[name].get(model, 1024)
+    if name == "quick":
+        return BenchConfig(model=model, length=length, budgets=(0.25, 0.1))
+    return BenchConfig(
+        model=model,
+        methods=(
+            FULL,
+            HF,
+            "streamingllm",
+            "h2o",
+            "snapkv",
+            "tova",
+            "snapkv+adakv",
+            "kivi4",
+            "kivi2",
+            "bfp4",
+            "snapkv+kivi4",
+            "h2o+kivi4",
+            "h2o+mixed",
+        ),
+        budgets=(0.5, 0.25, 0.1),
+        tasks=("passkey", "multikey", "kv_retrieval", "vartrack", "realtext"),
+        length=length,
+        contexts=2,
+        speed_lengths=(512, 1024, 2048),
+        speed_tokens=32,
+    )

@@ -1,0 +1,82 @@
+"""A tiny end-to-end bench: the results folder has the documented schema, budgets hold, and the full
+cache through kvmem answers exactly as transformers' own generate."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvmem.bench.config import BenchConfig
+from kvmem.bench.report import ACCURACY_PNG, RESULTS_JSON, RESULTS_MD, SPEED_PNG, write
+from kvmem.bench.run import BenchResult, run_bench
+from kvmem.model.loader import LoadedModel
+
+CONFIG = BenchConfig(
+    model="tiny",
+    methods=("full", "hf", "snapkv", "kivi4"),
+    budgets=(0.5,),
+    tasks=("passkey", "realtext"),
+    length=320,
+    block_size=16,
+    prefill_chunk=64,
+    speed_lengths=(64,),
+    speed_tokens=3,
+)
+RECORD_KEYS = {
+    "method", "budget", "task", "mode", "context", "question", "prompt_tokens", "score", "gold_logprob",
+    "ppl", "kl", "kv_bytes", "kv_ratio", "prefill_s", "ttft_s", "decode_tokens_per_s", "peak_rss",
+    "output", "tokens_reused", "error",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def result(llama: LoadedModel) -> BenchResult:
+    return run_bench(CONFIG, model=llama, progress=False)
+
+
+def test_results_folder_has_json_table_and_plots(result: BenchResult, tmp_path: Path) -> None:
+    paths = write(result, tmp_path)
+    assert {p.name for p in paths} == {RESULTS_JSON, RESULTS_MD, ACCURACY_PNG, SPEED_PNG}
+    data = json.loads((tmp_path / RESULTS_JSON).read_text())
+    assert set(data) == {"config", "environment", "full_bytes", "records", "speed", "summary"}
+    assert data["config"]["methods"] == list(CONFIG.methods) and data["config"]["seed"] == 0
+    assert all(set(r) == RECORD_KEYS for r in data["records"])
+    runs = {(r["method"], r["budget"]) for r in data["records"]}
+    assert runs == {("full", None), ("hf", None), ("snapkv", 0.5), ("kivi4", None)}
+    assert {s["method"] for s in data["speed"]} == {"full", "snapkv", "kivi4"}
+    table = (tmp_path / RESULTS_MD).read_text()
+    assert "| method | budget | passkey |" in table
+    for method in CONFIG.methods:
+        assert f"| `{method}` |" in table
+    for png in (ACCURACY_PNG, SPEED_PNG):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budgets_hold_and_ratios_are_against_the_full_cache(result: BenchResult) -> None:
+    for r in result.records:
+        assert r.error is None
+        full = result.full_bytes[f"{r.task}/{r.context}"]
+        if r.method == "snapkv":
+            assert 0 < r.kv_bytes <= 0.5 * full
+        if r.method == "kivi4":
+            assert r.kv_bytes < full  # packed, not floats
+        if r.method == "full":
+            assert r.kv_ratio == r.kv_bytes / full
+    text = [r for r in result.records if r.task == "realtext"]
+    assert {r.method for r in text} == {"full", "snapkv", "kivi4"}
+    assert all(r.ppl is not None and r.kl is not None and r.kl >= -1e-6 for r in text)
+    assert next(r for r in text if r.method == "full").kl == 0.0
+
+
+def test_full_cache_through_kvmem_answers_as_transformers_generate(result: BenchResult) -> None:
+    def answers(method: str) -> list[tuple[str, int, str, float | None]]:
+        return [
+            (r.task, r.question, r.output, r.score)
+            for r in result.records
+            if r.method == method and r.task != "realtext"
+        ]
+
+    assert answers("full") and answers("full") == answers("hf")
+    hf_logprobs = [r.gold_logprob for r in result.records if r.method == "hf"]
+    full_logprobs = [r.gold_logprob for r in result.records if r.method == "full" and r.task != "realtext"]
+    assert hf_logprobs == pytest.approx(full_logprobs, abs=1e-4)
