@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,23 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy
+
+# --- bench peers: NVIDIA kvpress in its own virtual environment (it pins an older transformers).
+# kvmem runs it through a subprocess (src/kvmem/bench/kvpress_worker.py); .venv is never touched.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+KVPRESS_VERSION ?= 0.5.5
+
+$(PEERS_STAMP):
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	# The CPU wheel of torch first, as for .venv: kvpress would otherwise pull a multi-GB CUDA build.
+	$(PEERS)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS)/bin/python -m pip install --quiet "kvpress==$(KVPRESS_VERSION)"
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+# --- end bench peers
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvmem.bench.config import MODES, BenchConfig, suite
+from kvmem.bench.config import MODES, BenchConfig, is_kvpress, suite
 from kvmem.bench.registry import TASKS
 from kvmem.compress.budget import KVBudget
 from kvmem.compress.registry import make_policy
@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="quick (default, a few minutes on 2 cores) or full (about an hour on 2 cores)",
     )
     bench.add_argument("--model", default="smollm2-135m", help="embedded name, folder or .gguf")
-    bench.add_argument("--methods", help="comma-separated: full, hf, and policy names (snapkv+kivi4, ...)")
+    bench.add_argument(
+        "--methods", help="comma-separated: full, hf, policy names (snapkv+kivi4, ...), kvpress:<press>"
+    )
     bench.add_argument(
         "--budgets", help="comma-separated shares of the full cache's bytes, e.g. 0.5,0.25,0.1"
     )
@@ -45,7 +47,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         for method in methods:
-            if method not in ("full", "hf"):
+            if method not in ("full", "hf") and not is_kvpress(method):  # kvpress: BenchConfig checks
                 make_policy(method, KVBudget.parse("1GiB"))  # raises for an unknown policy
         changes["methods"] = methods
     if args.budgets:

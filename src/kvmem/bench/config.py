@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from kvmem.bench.kvpress_worker import PRESSES as KVPRESS_PRESSES
 from kvmem.bench.registry import TASKS, UnknownTaskError
 
 Mode = Literal["single", "multiturn", "multirequest"]
@@ -15,13 +16,23 @@ MODES: tuple[Mode, ...] = ("single", "multiturn", "multirequest")
 FULL = "full"  # kvmem with no policy: every token at full precision
 HF = "hf"  # transformers' own generate() with its DynamicCache, the reference a user knows
 PEERS = (HF,)
+# --- kvpress peer: "kvpress:<press>" is NVIDIA kvpress's press, run in its own venv (kvpress_peer.py)
+KVPRESS = "kvpress:"
+
+
+def is_kvpress(method: str) -> bool:
+    return method.startswith(KVPRESS)
+
+
+# --- end kvpress peer
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """``budgets`` are shares of the full cache's bytes for the same context (0.25: a quarter).
 
-    Methods are kvmem policy names (``snapkv``, ``snapkv+kivi4``, …), ``full`` or the peer ``hf``.
+    Methods are kvmem policy names (``snapkv``, ``snapkv+kivi4``, …), ``full`` or the peer ``hf``;
+    ``kvpress:<press>`` (``kvpress:snapkv``, …) is NVIDIA kvpress's press, under every budget.
     A method that cannot evict (a quantizer alone, ``full``, ``hf``) runs once, without a budget.
     ``length`` is the prompt length in tokens; ``contexts`` the seeded contexts per task, each asked
     all of its task's questions. ``speed_lengths``: contexts at which decode speed is measured.
@@ -48,6 +59,10 @@ class BenchConfig:
                 raise UnknownTaskError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
         if not self.methods:
             raise ValueError("no methods to run")
+        for method in filter(is_kvpress, self.methods):  # kvpress peer
+            if method.removeprefix(KVPRESS) not in KVPRESS_PRESSES:
+                known = ", ".join(KVPRESS + p for p in KVPRESS_PRESSES)
+                raise ValueError(f"unknown kvpress press {method!r}; kvpress presses: {known}")
         if any(not 0 < b <= 1 for b in self.budgets):
             raise ValueError(f"budgets are shares of the full cache within (0, 1], got {self.budgets}")
         if self.length < 64 or self.contexts < 1 or self.speed_tokens < 2:
@@ -87,6 +102,10 @@ def suite(name: str, model: str) -> BenchConfig:
             "snapkv+kivi4",
             "h2o+kivi4",
             "h2o+mixed",
+            "kvpress:snapkv",
+            "kvpress:expected_attention",
+            "kvpress:streamingllm",
+            "kvpress:knorm",
         ),
         budgets=(0.5, 0.25, 0.1),
         tasks=("passkey", "multikey", "kv_retrieval", "vartrack", "realtext"),

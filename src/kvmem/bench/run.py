@@ -18,10 +18,11 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from kvmem.bench.config import FULL, HF, BenchConfig
+from kvmem.bench.config import FULL, HF, BenchConfig, is_kvpress
 from kvmem.bench.example import Context
 from kvmem.bench.hf_peer import run_questions_hf
 from kvmem.bench.kvmem_runner import Request, end_of_sequence, run_questions, run_text
+from kvmem.bench.kvpress_peer import run_kvpress
 from kvmem.bench.record import Record, SpeedPoint
 from kvmem.bench.registry import make_task
 from kvmem.compress.budget import KVBudget
@@ -53,14 +54,17 @@ def can_evict(method: str) -> bool:
     """Whether a method takes a budget (it has an eviction scorer)."""
     if method in (FULL, HF):
         return False
+    if is_kvpress(method):  # kvpress peer: every press takes a compression ratio
+        return True
     return make_policy(method, KVBudget.parse("1GiB")).scorer is not None
 
 
 def plan(config: BenchConfig) -> list[tuple[str, float | None]]:
-    """(method, budget share) pairs, the full cache first."""
+    """(method, budget share) pairs, the full cache first. kvpress peers are not among them: they run
+    apart, after these, in their own process (``kvmem.bench.kvpress_peer``)."""
     runs: list[tuple[str, float | None]] = [(FULL, None)]
     for method in config.methods:
-        if method == FULL:
+        if method == FULL or is_kvpress(method):
             continue
         if can_evict(method):
             runs += [(method, b) for b in config.budgets]
@@ -114,6 +118,17 @@ def run_bench(
                 ]
             bar.update()
     bar.close()
+    # --- kvpress peer: after kvmem's methods, so that the full cache's bytes are known
+    presses = [m for m in config.methods if is_kvpress(m)]
+    if presses:
+        peer = tqdm(total=1, desc="kvpress peer (its own venv)", unit="job", disable=not progress)
+        threads = torch.get_num_threads()
+        result.records += run_kvpress(
+            base, config.model, contexts, presses, config.budgets, result.full_bytes, config.mode, threads
+        )
+        peer.update()
+        peer.close()
+    # --- end kvpress peer
     result.speed = measure_speed(config, loaded, runs, progress)
     result.environment = {
         "python": platform.python_version(),
