@@ -147,15 +147,19 @@ def test_bad_policy_input_exits_2(args: list[str], message: str) -> None:
     assert_usage_error(kvmem("generate", "--prompt", "hi", *args), message)
 
 
-def test_bench_help_and_bad_input() -> None:
-    proc = kvmem("bench", "--help")
-    assert proc.returncode == 0 and "--suite" in proc.stdout and "--budgets" in proc.stdout
+def test_bench_help_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvmem.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--suite" in out and "--budgets" in out
     for args, why in [
         (["--methods", "full,nope"], "unknown policy"),
         (["--budgets", "0.5,abc"], "--budgets"),
         (["--budgets", "1.5"], "budgets are shares"),
         (["--tasks", "passkey,nope"], "unknown task"),
     ]:
-        proc = kvmem("bench", *args, "--out", "/nonexistent/never-written")
-        assert proc.returncode == 2, proc.stderr
-        assert why in proc.stderr and proc.stderr.count("\n") == 1
+        assert main(["bench", *args, "--out", "/nonexistent/never-written"]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1
