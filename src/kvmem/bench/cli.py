@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--length", type=int, help="prompt tokens (default: the suite's, per model)")
     bench.add_argument("--contexts", type=int, help="seeded contexts per task")
     bench.add_argument("--mode", choices=MODES, help="single, multiturn (default) or multirequest")
+    bench.add_argument(
+        "--speed-lengths", help="context lengths for the decode-speed plot, e.g. 512,1024 (0: skip it)"
+    )
     bench.add_argument("--seed", type=int, help="seed of the first context (default 0)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -59,6 +62,13 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             raise ValueError(f"--budgets: shares such as 0.5,0.25 or 50%,25%, got {args.budgets!r}") from None
     if args.tasks:
         changes["tasks"] = tuple(t.strip() for t in args.tasks.split(","))
+    if args.speed_lengths:
+        try:
+            lengths = tuple(int(n) for n in args.speed_lengths.split(",") if int(n) > 0)
+        except ValueError:
+            why = f"--speed-lengths: token counts like 512,1024, got {args.speed_lengths!r}"
+            raise ValueError(why) from None
+        changes["speed_lengths"] = lengths
     for name in ("length", "contexts", "mode", "seed"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)

@@ -211,6 +211,8 @@ def measure_speed(
     config: BenchConfig, loaded: LoadedModel, runs: list[tuple[str, float | None]], progress: bool
 ) -> list[SpeedPoint]:
     """Decode tokens/s at each of ``config.speed_lengths``, for each method at its smallest budget."""
+    if not config.speed_lengths:
+        return []
     smallest = min(config.budgets)
     chosen = [(m, b) for m, b in runs if m != HF and (b is None or b == smallest)]
     base = LLM(loaded, block_size=config.block_size, prefill_chunk=config.prefill_chunk)
