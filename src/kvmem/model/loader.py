@@ -7,6 +7,7 @@ later loads read that folder in seconds. Nothing here touches the network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvmem.errors import ModelNotFoundError
+from kvmem.model.identity import model_identity
 from kvmem.model.registry import EMBEDDED, EmbeddedModel, embedded_names
 from kvmem.model.spec import ModelSpec
 
@@ -36,6 +38,11 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     spec: ModelSpec
     has_chat_template: bool
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """What saved or shared KV state must match (``kvmem.model.identity``)."""
+        return model_identity(self.model)
 
 
 def cache_dir() -> Path:
