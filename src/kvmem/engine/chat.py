@@ -23,12 +23,12 @@ class ChatSession:
     text after what the sequence already holds. Call ``close`` (or use ``with``) to free its blocks.
     """
 
-    def __init__(self, llm: LLM, system: str | None = None) -> None:
+    def __init__(self, llm: LLM, system: str | None = None, cache_salt: str | None = None) -> None:
         self.llm = llm
         self.messages: list[dict[str, str]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
-        self.sequence = llm.new_sequence()
+        self.sequence = llm.new_sequence(cache_salt)
         self.turns = 0
 
     @property

@@ -9,6 +9,7 @@ from kvmem.compress.registry import make_policy
 from kvmem.errors import InvalidBudgetError
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL
+from kvmem.prefix.cache import PrefixSharingError, can_share
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class EngineConfig:
     """``kv_budget``: bytes (int), a size string (``"64MiB"``) or None for unlimited.
 
     ``prefill_chunk``: tokens per prefill forward, so a long prompt's activations stay bounded.
+    ``prefix_cache``: keep completed blocks for reuse by later requests with the same leading
+    tokens (they stay in the pool until it needs room); no policy or a quantizer alone.
     """
 
     model: str = DEFAULT_MODEL
@@ -23,6 +26,7 @@ class EngineConfig:
     policy: str | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     prefill_chunk: int = 512
+    prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
@@ -31,8 +35,12 @@ class EngineConfig:
                 f"a KV budget of {self.kv_budget!r} needs a compression policy (--policy); "
                 "without one give bytes, such as 64MiB"
             )
-        if self.policy is not None:
-            make_policy(self.policy, budget)  # raises UnknownPolicyError / InvalidBudgetError
+        policy = None if self.policy is None else make_policy(self.policy, budget)  # may raise
+        if self.prefix_cache and not can_share(policy):
+            raise PrefixSharingError(
+                f"prefix caching needs no policy or a quantizer alone (kivi4, bfp4, …), not {self.policy!r}: "
+                "eviction rewrites each sequence's blocks"
+            )
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.prefill_chunk <= 0:

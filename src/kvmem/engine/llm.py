@@ -17,10 +17,11 @@ from kvmem.engine.result import GenerationResult, GenerationStats
 from kvmem.engine.sampling import SamplingParams, sample
 from kvmem.engine.sequence import Sequence
 from kvmem.engine.text import StopMatcher
-from kvmem.errors import PromptTooLongError
+from kvmem.errors import KVBudgetError, PromptTooLongError
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE, KVPool, PoolConfig
 from kvmem.model.loader import LoadedModel, load_model
 from kvmem.model.spec import ModelSpec
+from kvmem.prefix.cache import PrefixCache
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
@@ -40,9 +41,10 @@ class LLM:
         block_size: int = DEFAULT_BLOCK_SIZE,
         prefill_chunk: int = 512,
         policy: str | None = None,
+        prefix_cache: bool = False,
     ) -> None:
         name = model if isinstance(model, str) else model.name
-        self.config = EngineConfig(name, kv_budget, policy, block_size, prefill_chunk)
+        self.config = EngineConfig(name, kv_budget, policy, block_size, prefill_chunk, prefix_cache)
         budget = self.config.budget
         self.loaded = load_model(model) if isinstance(model, str) else model
         self.pool = KVPool(PoolConfig(budget.bytes, block_size))
@@ -50,6 +52,9 @@ class LLM:
         if self.policy is not None and self.policy.scorer is not None:
             # eviction runs through kvmem's registered attention function (queries, per-layer masks)
             self.loaded.model.set_attn_implementation(register_attention())
+        self.prefix = (
+            PrefixCache(self.pool, self.loaded.identity, policy, self.policy) if prefix_cache else None
+        )
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -59,8 +64,10 @@ class LLM:
     def spec(self) -> ModelSpec:
         return self.loaded.spec
 
-    def new_sequence(self) -> Sequence:
-        return Sequence(self.loaded.model, self.pool, self.loaded.spec, self.policy)
+    def new_sequence(self, cache_salt: str | None = None) -> Sequence:
+        """An empty sequence; with the prefix cache on, ``cache_salt`` (e.g. a tenant id) keeps its
+        cached blocks apart from every other salt's."""
+        return Sequence(self.loaded.model, self.pool, self.loaded.spec, self.policy, self.prefix, cache_salt)
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -76,9 +83,10 @@ class LLM:
         top_k: int = 0,
         seed: int = 0,
         stop: Seq[str] | None = None,
+        cache_salt: str | None = None,
     ) -> GenerationResult:
         """Generate a completion of ``prompt`` (text, or token ids used as given)."""
-        events = self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        events = self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, cache_salt)
         return _drain(events)
 
     def stream(
@@ -90,9 +98,10 @@ class LLM:
         top_k: int = 0,
         seed: int = 0,
         stop: Seq[str] | None = None,
+        cache_salt: str | None = None,
     ) -> Iterator[str | GenerationResult]:
         """Yield text pieces as they are generated, then the ``GenerationResult`` last."""
-        sequence = self.new_sequence()
+        sequence = self.new_sequence(cache_salt)
         sequence.token_ids = self.encode(prompt)
         params = SamplingParams(temperature, top_p, top_k, seed)
         try:
@@ -118,7 +127,13 @@ class LLM:
             )
         if context:
             max_new_tokens = min(max_new_tokens, context - len(sequence.token_ids))
-        sequence.reserve(max_new_tokens - 1)
+        reused = sequence.reuse_prefix()
+        try:
+            sequence.reserve(max_new_tokens - 1)
+        except KVBudgetError:
+            if reused:
+                sequence.forget_prefix()  # a refused request leaves the sequence as it was
+            raise
         prompt_tokens, prefilled = len(sequence.token_ids), sequence.num_pending
         eos = _eos_ids(self.loaded)
         generator = None if params.greedy else torch.Generator().manual_seed(params.seed)
@@ -164,14 +179,15 @@ class LLM:
             decode_tokens_per_s=(len(generated) - 1) / decode_s
             if len(generated) > 1 and decode_s > 0
             else 0.0,
+            tokens_reused=reused,
         )
         yield GenerationResult(matcher.text, generated, finish, stats)
 
-    def chat(self, system: str | None = None) -> ChatSession:
+    def chat(self, system: str | None = None, cache_salt: str | None = None) -> ChatSession:
         """A multi-turn conversation whose KV state persists between turns."""
         from kvmem.engine.chat import ChatSession
 
-        return ChatSession(self, system)
+        return ChatSession(self, system, cache_salt)
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

@@ -20,6 +20,7 @@ class GenerationStats:
     ttft_s: float
     decode_s: float
     decode_tokens_per_s: float
+    tokens_reused: int = 0  # leading prompt tokens whose cached blocks were adopted, not computed
 
     @property
     def kv_ratio(self) -> float:

@@ -11,6 +11,7 @@ from kvmem.errors import KVBudgetError
 from kvmem.kv.pool import KVPool
 from kvmem.model.cache import KVMemCache
 from kvmem.model.spec import ModelSpec
+from kvmem.prefix.cache import PrefixCache, PrefixState
 
 
 class Sequence:
@@ -21,9 +22,18 @@ class Sequence:
     """
 
     def __init__(
-        self, model: PreTrainedModel, pool: KVPool, spec: ModelSpec, policy: Policy | None = None
+        self,
+        model: PreTrainedModel,
+        pool: KVPool,
+        spec: ModelSpec,
+        policy: Policy | None = None,
+        prefix: PrefixCache | None = None,
+        salt: str | None = None,
     ) -> None:
         self.model = model
+        # shared prefix blocks: adopted by `reuse_prefix`, completed blocks published after each forward
+        self.prefix = prefix
+        self.prefix_state: PrefixState | None = None if prefix is None else prefix.state(salt)
         self.pool = pool
         self.spec = spec
         self.policy = policy
@@ -54,6 +64,19 @@ class Sequence:
     def num_pending(self) -> int:
         return len(self.token_ids) - self.num_cached
 
+    def reuse_prefix(self) -> int:
+        """Adopt the longest cached prefix of ``token_ids`` (nothing computed yet); tokens reused."""
+        if self.prefix is None or self.prefix_state is None or self.num_cached or self.prefix_state.hashes:
+            return 0
+        return self.prefix.attach(self.cache, self.token_ids, self.prefix_state)
+
+    def forget_prefix(self) -> None:
+        """Undo ``reuse_prefix`` before anything was computed on top of it."""
+        assert self.prefix_state is not None and self.num_cached == self.prefix_state.reused_tokens
+        self.cache.release()
+        self.prefix_state.hashes.clear()
+        self.prefix_state.reused_tokens = 0
+
     def reserve(self, extra_tokens: int) -> None:
         """Raise ``KVBudgetError`` unless the pool can hold the pending tokens plus ``extra_tokens``.
 
@@ -63,7 +86,7 @@ class Sequence:
             self.policy.capacities(self.cache)  # raises if the budget cannot hold even a minimal cache
             return
         needed = self.cache.bytes_to_grow(self.num_pending + extra_tokens)
-        free = self.pool.bytes_free
+        free = self.pool.bytes_available  # blocks cached for reuse give way when needed
         if free is not None and needed > free:
             raise KVBudgetError(
                 needed, free, self.pool.budget, what=f"{self.num_pending + extra_tokens} more tokens"
@@ -81,6 +104,8 @@ class Sequence:
             size = chunk_size
             if self.policy is not None:
                 size = min(size, self.policy.max_chunk(self.cache) or size)
+            if self.prefix is not None:  # sliding layers' blocks stay token-aligned (see PrefixCache)
+                size = min([size] + [layer.keep for layer in self.cache.paged_layers if layer.keep])
             chunk = torch.tensor([pending[start : start + size]], dtype=torch.long)  # [1, q]
             logits = self._forward(chunk, keep_all=all_logits)  # [1, q or 1, V]
             if all_logits:
@@ -108,6 +133,8 @@ class Sequence:
         )
         if self.policy is not None:
             self.policy.after_forward(self.cache)
+        if self.prefix is not None and self.prefix_state is not None:
+            self.prefix.publish(self.cache, self.token_ids, self.prefix_state)
         return out.logits.float()
 
     def fork(self, pool: KVPool | None = None) -> Sequence:

@@ -8,6 +8,7 @@ and values for ``block_size`` tokens, stored as one tensor ``[2, H, block_size, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -40,6 +41,18 @@ def block_nbytes(num_heads: int, head_dim: int, block_size: int, dtype: torch.dt
     return 2 * num_heads * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+class Reclaimer(Protocol):
+    """Something holding blocks no sequence uses (a prefix cache) that it can give back on demand."""
+
+    def reclaimable(self) -> int:
+        """Bytes ``reclaim`` could free now."""
+        ...
+
+    def reclaim(self, nbytes: int) -> int:
+        """Free at least ``nbytes`` if possible; return the bytes freed."""
+        ...
+
+
 class KVPool:
     """Blocks of KV tensors under a byte budget, shared by every sequence of one model.
 
@@ -51,6 +64,25 @@ class KVPool:
         self.config = config
         self.manager = BlockManager(config.budget)
         self._tensors: dict[int, torch.Tensor] = {}
+        self._reclaimer: Reclaimer | None = None
+
+    def set_reclaimer(self, reclaimer: Reclaimer | None) -> None:
+        """Blocks cached for reuse are given back by ``reclaimer`` when an allocation needs room."""
+        self._reclaimer = reclaimer
+
+    @property
+    def bytes_available(self) -> int | None:
+        """Bytes an allocation can have: free plus what the reclaimer can give back (None: unlimited)."""
+        free = self.bytes_free
+        if free is None or self._reclaimer is None:
+            return free
+        return free + self._reclaimer.reclaimable()
+
+    def _make_room(self, nbytes: int) -> None:
+        if self._reclaimer is not None and not self.manager.can_allocate(nbytes):
+            free = self.bytes_free
+            assert free is not None
+            self._reclaimer.reclaim(nbytes - free)
 
     @property
     def block_size(self) -> int:
@@ -74,6 +106,7 @@ class KVPool:
 
     def allocate(self, num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
         nbytes = block_nbytes(num_heads, head_dim, self.block_size, dtype)
+        self._make_room(nbytes)
         block_id = self.manager.allocate(nbytes)
         # block: [2, H, block_size, D]
         self._tensors[block_id] = torch.empty(
@@ -83,6 +116,7 @@ class KVPool:
 
     def allocate_raw(self, nbytes: int, device: torch.device) -> int:
         """A block of ``nbytes`` plain bytes (uint8), for compressed layouts."""
+        self._make_room(nbytes)
         block_id = self.manager.allocate(nbytes)
         self._tensors[block_id] = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return block_id

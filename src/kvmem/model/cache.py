@@ -260,6 +260,25 @@ class PagedLayer(CacheLayerMixin):
         if self.attention is not None:
             self.attention = self.attention.gather(1, keep)
 
+    def adopt(self, block_ids: list[int], start: int, length: int) -> None:
+        """Hold shared full blocks (a cached prefix) as this empty layer's tokens ``[start, length)``.
+
+        Each block gets one more reference. They are never written: every block is full, so the
+        next token goes to a new block (a quantized block stays quantized).
+        """
+        assert not self.table.block_ids and (length - start) == len(block_ids) * self.table.block_size
+        for block_id in block_ids:
+            self.pool.incref(block_id)
+            block = self.pool.tensor(block_id)
+            packed = block.dtype == torch.uint8 and self.quant is not None
+            self._keys.append(None if packed else block[0])  # block: [2, H, bs, D] or packed bytes
+            self._values.append(None if packed else block[1])
+            self._packed.append(block if packed else None)
+            self.device = block.device
+        self.table.block_ids = list(block_ids)
+        self.table.start, self.table.length = start, length
+        self.is_initialized = True
+
     def drop_block(self, i: int) -> None:
         """Free block ``i``, a full one: its tokens leave the layer (the others keep their order)."""
         table, bs = self.table, self.table.block_size

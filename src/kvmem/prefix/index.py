@@ -1,0 +1,119 @@
+"""``PrefixIndex``: which pool blocks hold which hashed token block, and LRU eviction. Plain Python.
+
+An entry is one token block of every layer: ``blocks[layer]`` is the pool block holding those
+tokens for that layer, or None when the layer did not keep them (a sliding-window layer's old
+blocks). The index holds one reference on every block it names, so a cached block outlives the
+request that computed it; it is released when the pool needs room and no sequence uses it.
+
+Contract:
+- ``insert`` takes a reference on each block; ``evict`` / ``clear`` drop them.
+- ``reclaimable`` is exactly the bytes ``reclaim`` could free now: entries whose every block is
+  referenced by the index alone. ``reclaim`` frees least recently used entries first (deeper
+  blocks first among equals, so a chain is cut from its end) and never touches a block in use.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from kvmem.kv.blocks import BlockManager
+
+
+@dataclass
+class Entry:
+    key: bytes
+    depth: int  # block position in the sequence: tokens [depth * bs, (depth + 1) * bs)
+    blocks: tuple[int | None, ...]  # per layer
+    last_used: int
+
+    def block_ids(self) -> list[int]:
+        return [b for b in self.blocks if b is not None]
+
+
+class PrefixIndex:
+    def __init__(
+        self,
+        manager: BlockManager,
+        incref: Callable[[int], object] | None = None,
+        decref: Callable[[int], object] | None = None,
+    ) -> None:
+        """``manager`` keeps the books; ``incref`` / ``decref`` (default: the manager's) are the
+        pool's, so a block whose last reference is dropped also loses its tensor."""
+        self.manager = manager
+        self._incref = incref or manager.incref
+        self._decref = decref or manager.decref
+        self._entries: dict[bytes, Entry] = {}
+        self._clock = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def get(self, key: bytes) -> Entry | None:
+        return self._entries.get(key)
+
+    def insert(self, key: bytes, depth: int, blocks: Sequence[int | None]) -> bool:
+        """Name ``blocks`` by ``key``; False (nothing changes) if the key is already there."""
+        if key in self._entries:
+            return False
+        for block_id in blocks:
+            if block_id is not None:
+                self._incref(block_id)
+        self._entries[key] = Entry(key, depth, tuple(blocks), next(self._clock))
+        return True
+
+    def match(self, keys: Iterable[bytes]) -> list[Entry]:
+        """The entries of the longest run of leading ``keys`` that are all indexed; marks them used."""
+        found: list[Entry] = []
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None:
+                break
+            found.append(entry)
+        now = next(self._clock)
+        for entry in found:
+            entry.last_used = now
+        return found
+
+    def _free_only_by_index(self, entry: Entry) -> bool:
+        return all(self.manager.ref_count(b) == 1 for b in entry.block_ids())
+
+    def _nbytes(self, entry: Entry) -> int:
+        return sum(self.manager.size_of(b) for b in entry.block_ids())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every block the index names (some may be shared with live sequences)."""
+        return sum(self._nbytes(e) for e in self._entries.values())
+
+    def reclaimable(self) -> int:
+        return sum(self._nbytes(e) for e in self._entries.values() if self._free_only_by_index(e))
+
+    def reclaim(self, nbytes: int) -> int:
+        """Evict unused entries, least recently used first, until ``nbytes`` are freed; bytes freed."""
+        freed = 0
+        for entry in sorted(self._entries.values(), key=lambda e: (e.last_used, -e.depth)):
+            if freed >= nbytes:
+                break
+            if self._free_only_by_index(entry):
+                freed += self._nbytes(entry)
+                self.evict(entry.key)
+        return freed
+
+    def evict(self, key: bytes) -> None:
+        entry = self._entries.pop(key)
+        for block_id in entry.block_ids():
+            self._decref(block_id)
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self.evict(key)
+
+    def check_integrity(self) -> None:
+        for entry in self._entries.values():
+            for block_id in entry.block_ids():
+                assert self.manager.ref_count(block_id) >= 1, f"indexed block {block_id} is not live"
