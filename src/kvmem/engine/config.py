@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from kvmem.compress.budget import KVBudget
 from kvmem.compress.registry import make_policy
 from kvmem.errors import InvalidBudgetError
+from kvmem.kv.budget import parse_budget
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL
 from kvmem.prefix.cache import PrefixSharingError, can_share
@@ -19,6 +20,8 @@ class EngineConfig:
     ``prefill_chunk``: tokens per prefill forward, so a long prompt's activations stay bounded.
     ``prefix_cache``: keep completed blocks for reuse by later requests with the same leading
     tokens (they stay in the pool until it needs room); no policy or a quantizer alone.
+    ``disk_cache``: a folder where those blocks are also written, so a later process reuses them
+    (turns ``prefix_cache`` on); ``disk_cache_max``: its size cap (``"2GiB"``; None: no cap).
     """
 
     model: str = DEFAULT_MODEL
@@ -27,6 +30,8 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     prefill_chunk: int = 512
     prefix_cache: bool = False
+    disk_cache: str | None = None
+    disk_cache_max: int | str | None = None
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
@@ -36,7 +41,8 @@ class EngineConfig:
                 "without one give bytes, such as 64MiB"
             )
         policy = None if self.policy is None else make_policy(self.policy, budget)  # may raise
-        if self.prefix_cache and not can_share(policy):
+        parse_budget(self.disk_cache_max)  # raises InvalidBudgetError
+        if self.shares_prefixes and not can_share(policy):
             raise PrefixSharingError(
                 f"prefix caching needs no policy or a quantizer alone (kivi4, bfp4, …), not {self.policy!r}: "
                 "eviction rewrites each sequence's blocks"
@@ -45,6 +51,14 @@ class EngineConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return self.prefix_cache or self.disk_cache is not None
+
+    @property
+    def disk_cache_bytes(self) -> int | None:
+        return parse_budget(self.disk_cache_max)
 
     @property
     def budget(self) -> KVBudget:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,7 @@ from kvmem.kv.pool import DEFAULT_BLOCK_SIZE, KVPool, PoolConfig
 from kvmem.model.loader import LoadedModel, load_model
 from kvmem.model.spec import ModelSpec
 from kvmem.prefix.cache import PrefixCache
+from kvmem.tiers.disk import DiskTier
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
@@ -42,9 +44,14 @@ class LLM:
         prefill_chunk: int = 512,
         policy: str | None = None,
         prefix_cache: bool = False,
+        disk_cache: str | Path | None = None,
+        disk_cache_max: int | str | None = None,
     ) -> None:
         name = model if isinstance(model, str) else model.name
-        self.config = EngineConfig(name, kv_budget, policy, block_size, prefill_chunk, prefix_cache)
+        disk = None if disk_cache is None else str(disk_cache)
+        self.config = EngineConfig(
+            name, kv_budget, policy, block_size, prefill_chunk, prefix_cache, disk, disk_cache_max
+        )
         budget = self.config.budget
         self.loaded = load_model(model) if isinstance(model, str) else model
         self.pool = KVPool(PoolConfig(budget.bytes, block_size))
@@ -52,9 +59,10 @@ class LLM:
         if self.policy is not None and self.policy.scorer is not None:
             # eviction runs through kvmem's registered attention function (queries, per-layer masks)
             self.loaded.model.set_attn_implementation(register_attention())
-        self.prefix = (
-            PrefixCache(self.pool, self.loaded.identity, policy, self.policy) if prefix_cache else None
-        )
+        self.prefix: PrefixCache | None = None
+        if self.config.shares_prefixes:
+            tier = None if disk is None else DiskTier(disk, self.config.disk_cache_bytes)
+            self.prefix = PrefixCache(self.pool, self.loaded.identity, policy, self.policy, tier)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -180,7 +188,12 @@ class LLM:
             if len(generated) > 1 and decode_s > 0
             else 0.0,
             tokens_reused=reused,
+            tokens_from_disk=0
+            if sequence.prefix_state is None or not reused
+            else sequence.prefix_state.disk_tokens,
         )
+        if self.prefix is not None:
+            self.prefix.flush()  # this request's new blocks reach the disk tier, if any
         yield GenerationResult(matcher.text, generated, finish, stats)
 
     def chat(self, system: str | None = None, cache_salt: str | None = None) -> ChatSession:

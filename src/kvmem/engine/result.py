@@ -21,6 +21,7 @@ class GenerationStats:
     decode_s: float
     decode_tokens_per_s: float
     tokens_reused: int = 0  # leading prompt tokens whose cached blocks were adopted, not computed
+    tokens_from_disk: int = 0  # of those, tokens whose blocks were read back from the disk tier
 
     @property
     def kv_ratio(self) -> float:

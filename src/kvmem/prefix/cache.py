@@ -10,6 +10,10 @@ when every sliding layer has the blocks covering its window before token ``n * b
 Their blocks stay aligned to token blocks because a prefill chunk is at most the window (a
 longer chunk would skip tokens and shift a sliding layer's blocks).
 
+With a ``DiskTier``, every published block is also written to disk after the request (and before
+the pool evicts it, if sooner); a prefix missing from RAM is read back from disk block by block
+into the pool, so a later process skips the prefill too. A corrupt file is a miss (recomputed).
+
 Which policies can share: none, or a quantizer alone (blocks are published once quantized).
 Eviction rewrites a layer's blocks in place and depends on the sequence's own history, so
 policies with a scorer, merging, head budgets or mixed precision do not share prefixes.
@@ -19,12 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from kvmem.compress.policy import Policy
-from kvmem.errors import KVMemError
+from kvmem.errors import KVBudgetError, KVMemError
 from kvmem.kv.pool import KVPool
 from kvmem.model.cache import KVMemCache
 from kvmem.prefix.hashing import block_hashes, root_hash
 from kvmem.prefix.index import Entry, PrefixIndex
+from kvmem.tiers.disk import DiskTier
 
 
 class PrefixSharingError(KVMemError, ValueError):
@@ -44,13 +51,19 @@ class PrefixState:
     root: bytes
     hashes: list[bytes] = field(default_factory=list)
     reused_tokens: int = 0
+    disk_tokens: int = 0  # of the reused tokens, those read back from the disk tier
 
 
 class PrefixCache:
     """The prefix index of one pool, for one model and policy. Implements the pool's ``Reclaimer``."""
 
     def __init__(
-        self, pool: KVPool, model_identity: str, policy_name: str | None, policy: Policy | None
+        self,
+        pool: KVPool,
+        model_identity: str,
+        policy_name: str | None,
+        policy: Policy | None,
+        disk: DiskTier | None = None,
     ) -> None:
         if not can_share(policy):
             raise PrefixSharingError(
@@ -58,9 +71,11 @@ class PrefixCache:
                 "with no policy or a quantizer alone (kivi4, bfp4, …)"
             )
         self.pool = pool
-        self.index = PrefixIndex(pool.manager, pool.incref, pool.decref)
+        self.index = PrefixIndex(pool.manager, pool.incref, pool.decref, on_evict=self._spill)
         self.model_identity = model_identity
         self.policy_name = policy_name
+        self.disk = disk
+        self._unsaved: dict[bytes, None] = {}  # published, not yet on disk (insertion order)
         pool.set_reclaimer(self)
 
     @property
@@ -86,17 +101,86 @@ class PrefixCache:
         assert cache.num_tokens == 0 and not state.hashes
         bs = self.block_size
         usable = (len(token_ids) - 1) // bs
-        entries = self.index.match(block_hashes(state.root, token_ids[: usable * bs], bs))
+        keys = block_hashes(state.root, token_ids[: usable * bs], bs)
+        entries = self.index.match(keys)
+        # Pinned (one extra reference) until adopted: reading blocks back from disk may make the
+        # pool reclaim room, and it must not take the blocks this sequence is about to use.
+        pinned = [b for e in entries for b in e.block_ids()]
+        for block_id in pinned:
+            self.pool.incref(block_id)
+        from_disk = self._read_back(cache, keys[len(entries) :], len(entries))
+        pinned += [b for e in from_disk for b in e.block_ids()]  # still hold their load reference
+        entries += from_disk
         n = self._reusable(cache, entries)
-        if n == 0:
-            return 0
         for i, layer in enumerate(cache.paged_layers):
+            if n == 0:
+                break
             first = 0 if layer.keep is None else max(0, n * bs - layer.keep) // bs
             ids = [e.blocks[i] for e in entries[first:n]]
             layer.adopt([b for b in ids if b is not None], first * bs, n * bs)
+        for block_id in pinned:
+            self.pool.decref(block_id)
+        if n == 0:
+            return 0
         state.hashes = [e.key for e in entries[:n]]
         state.reused_tokens = n * bs
+        state.disk_tokens = max(0, n - (len(entries) - len(from_disk))) * bs
         return n * bs
+
+    def _read_back(self, cache: KVMemCache, keys: list[bytes], depth: int) -> list[Entry]:
+        """Load the blocks of ``keys`` (leading ones first) from disk into the pool and the index;
+        each loaded block keeps one extra reference for the caller to drop."""
+        loaded: list[Entry] = []
+        if self.disk is None:
+            return loaded
+        for j, key in enumerate(keys, depth):
+            found = self.disk.get(key)
+            if found is None:
+                break
+            blocks = self._to_pool(cache, found[0])
+            if blocks is None:  # no room in the pool, or a file of another shape: recompute
+                break
+            # the load's own reference stays as a pin (see attach)
+            if not self.index.insert(key, j, blocks):  # indexed meanwhile: pin that entry instead
+                for block_id in blocks:
+                    if block_id is not None:
+                        self.pool.decref(block_id)
+                indexed = self.index.get(key)
+                assert indexed is not None
+                for block_id in indexed.block_ids():
+                    self.pool.incref(block_id)
+            entry = self.index.get(key)
+            assert entry is not None
+            loaded.append(entry)
+        return loaded
+
+    def _to_pool(self, cache: KVMemCache, tensors: dict[str, torch.Tensor]) -> list[int | None] | None:
+        """Copy a block file's tensors into new pool blocks (one per layer present)."""
+        layers = cache.paged_layers
+        blocks: list[int | None] = []
+        try:
+            for i, layer in enumerate(layers):
+                stored = tensors.get(f"layer.{i}")
+                if stored is None:
+                    blocks.append(None)
+                    continue
+                if stored.dtype == torch.uint8 and layer.layout is not None:
+                    if stored.numel() != layer.layout.nbytes:
+                        raise ValueError("packed block of another size")
+                    block_id = self.pool.allocate_raw(stored.numel(), layer.device)
+                else:
+                    shape = (2, layer.num_heads, self.block_size, layer.head_dim)
+                    if tuple(stored.shape) != shape or stored.dtype != layer.dtype:
+                        raise ValueError("block of another shape")
+                    block_id = self.pool.allocate(layer.num_heads, layer.head_dim, layer.dtype, layer.device)
+                blocks.append(block_id)
+                self.pool.tensor(block_id).copy_(stored)
+        except (KVBudgetError, ValueError):
+            for held in blocks:
+                if held is not None:
+                    self.pool.decref(held)
+            return None
+        return blocks
 
     def _reusable(self, cache: KVMemCache, entries: list[Entry]) -> int:
         """The most leading entries every layer can be rebuilt from."""
@@ -125,10 +209,32 @@ class PrefixCache:
             blocks = [_block_of(view, j, bs) for view in _layer_views(cache)]
             if _NOT_FINAL in blocks:  # the quantizer's residual block: published once quantized
                 return
-            self.index.insert(key, j, blocks)
+            if self.index.insert(key, j, blocks) and self.disk is not None and key not in self.disk:
+                self._unsaved[key] = None
             state.hashes.append(key)
 
+    def flush(self) -> int:
+        """Write every published block not yet on disk; blocks written."""
+        written = 0
+        for key in list(self._unsaved):
+            entry = self.index.get(key)
+            if entry is not None:
+                self._spill(entry)
+                written += 1
+            self._unsaved.pop(key, None)
+        return written
+
+    def _spill(self, entry: Entry) -> None:
+        """Write an entry to disk if it is not there yet (before the pool frees it, or at flush)."""
+        if self.disk is None or entry.key not in self._unsaved:
+            return
+        tensors = {f"layer.{i}": self.pool.tensor(b) for i, b in enumerate(entry.blocks) if b is not None}
+        self.disk.put(entry.key, tensors, {"depth": str(entry.depth), "policy": self.policy_name or ""})
+        del self._unsaved[entry.key]
+
     def clear(self) -> None:
+        """Drop every cached block from RAM (the disk tier keeps what was written)."""
+        self._unsaved.clear()
         self.index.clear()
 
     def check_integrity(self) -> None:

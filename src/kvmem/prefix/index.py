@@ -38,10 +38,13 @@ class PrefixIndex:
         manager: BlockManager,
         incref: Callable[[int], object] | None = None,
         decref: Callable[[int], object] | None = None,
+        on_evict: Callable[[Entry], object] | None = None,
     ) -> None:
         """``manager`` keeps the books; ``incref`` / ``decref`` (default: the manager's) are the
-        pool's, so a block whose last reference is dropped also loses its tensor."""
+        pool's, so a block whose last reference is dropped also loses its tensor. ``on_evict`` sees
+        each entry ``reclaim`` is about to free (a lower tier may keep a copy)."""
         self.manager = manager
+        self._on_evict = on_evict
         self._incref = incref or manager.incref
         self._decref = decref or manager.decref
         self._entries: dict[bytes, Entry] = {}
@@ -101,6 +104,8 @@ class PrefixIndex:
                 break
             if self._free_only_by_index(entry):
                 freed += self._nbytes(entry)
+                if self._on_evict is not None:
+                    self._on_evict(entry)
                 self.evict(entry.key)
         return freed
 

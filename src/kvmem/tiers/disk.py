@@ -1,0 +1,171 @@
+"""``DiskTier``: KV blocks in files named by their hash, checked on every read, under a size cap.
+
+One file per token block (every layer's pool block for those tokens), in safetensors — tensors
+as stored in RAM, so quantized blocks stay packed bytes. Each file's metadata carries its key, a
+format tag and a sha256 of its tensors. Writes go to a temporary file in the same folder, are
+fsynced, then renamed over the target: a reader sees the old file, the new one, or none, never
+half a file, and concurrent writers of one key leave one valid file. A file that is missing,
+truncated, bit-flipped or not ours is a miss: it is counted, removed, and the caller recomputes.
+Over ``max_bytes`` the least recently used files are deleted (a read refreshes a file's time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+FORMAT = "kvmem-block-1"
+SUFFIX = ".kvblock"
+
+
+@dataclass
+class DiskStats:
+    """What the tier did since it was opened (this process)."""
+
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0  # files found unreadable or not matching their checksum: removed, recomputed
+    writes: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    evicted: int = 0  # files deleted to stay under the size cap
+
+
+class DiskFile(NamedTuple):
+    key: str  # hex
+    path: Path
+    nbytes: int
+    last_used: float  # seconds since the epoch
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class DiskTier:
+    def __init__(self, folder: str | Path, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"the disk cache size cap must be positive, got {max_bytes}")
+        self.folder = Path(folder).expanduser()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.stats = DiskStats()
+
+    def path(self, key: bytes) -> Path:
+        name = key.hex()
+        return self.folder / name[:2] / (name + SUFFIX)
+
+    def __contains__(self, key: bytes) -> bool:
+        return self.path(key).is_file()
+
+    def put(self, key: bytes, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> int:
+        """Write ``tensors`` under ``key`` atomically; bytes written."""
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        header = {**(meta or {}), "format": FORMAT, "key": key.hex(), "sha256": checksum(tensors)}
+        data = save(tensors, metadata=header)
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.stats.writes += 1
+        self.stats.bytes_written += len(data)
+        if self.max_bytes is not None:
+            self.enforce_cap()
+        return len(data)
+
+    def get(self, key: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The tensors and metadata stored under ``key``, or None (missing or corrupt: removed)."""
+        path = self.path(key)
+        if not path.is_file():
+            self.stats.misses += 1
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            valid = meta.get("format") == FORMAT and meta.get("key") == key.hex()
+            valid = valid and meta.get("sha256") == checksum(tensors)
+        except Exception:  # any unreadable file is a miss, never a crash
+            valid, tensors, meta = False, {}, {}
+        if not valid:
+            self.stats.corrupt += 1
+            self.stats.misses += 1
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        self.stats.hits += 1
+        self.stats.bytes_read += path.stat().st_size
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: last to go under the cap
+        return tensors, meta
+
+    def files(self) -> list[DiskFile]:
+        """Every block file, least recently used first."""
+        found = []
+        for path in self.folder.glob(f"??/*{SUFFIX}"):
+            if path.name.startswith(".tmp-"):
+                continue
+            with contextlib.suppress(OSError):  # another process may delete it meanwhile
+                st = path.stat()
+                found.append(DiskFile(path.name.removesuffix(SUFFIX), path, st.st_size, st.st_mtime))
+        return sorted(found, key=lambda f: f.last_used)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files())
+
+    def enforce_cap(self) -> int:
+        """Delete least recently used files until the folder is under ``max_bytes``; files deleted."""
+        if self.max_bytes is None:
+            return 0
+        files = self.files()
+        total, deleted = sum(f.nbytes for f in files), 0
+        for f in files:
+            if total <= self.max_bytes:
+                break
+            with contextlib.suppress(OSError):
+                f.path.unlink()
+                deleted += 1
+            total -= f.nbytes
+        self.stats.evicted += deleted
+        return deleted
+
+    def clear(self, older_than_s: float | None = None) -> int:
+        """Delete block files (only those unused for ``older_than_s`` if given) and stale temporary
+        files; files deleted."""
+        now, deleted = time.time(), 0
+        for f in self.files():
+            if older_than_s is None or now - f.last_used > older_than_s:
+                with contextlib.suppress(OSError):
+                    f.path.unlink()
+                    deleted += 1
+        for tmp in self.folder.glob(f"??/.tmp-*{SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > 3600:  # a writer that died mid-write
+                    tmp.unlink()
+        return deleted
