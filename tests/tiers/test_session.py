@@ -124,6 +124,20 @@ def test_continuing_after_load_equals_never_stopping(
     assert_same_state(never_stopped, resumed)
 
 
+@pytest.mark.real
+def test_real_model_session_continues_exactly(real: LoadedModel, tmp_path: Path) -> None:
+    config = {"kv_budget": "50%", "policy": "h2o+kivi4", "block_size": 16}  # evicted and quantized
+    never_stopped = LLM(real, **config).chat()
+    for message in TURNS[:2]:
+        never_stopped.send(message, max_new_tokens=12)
+    path = never_stopped.save(tmp_path / "real.kvsession")
+    assert any(layer.held < layer.seq_length for layer in never_stopped.sequence.cache.paged_layers)
+    resumed = load_chat(LLM(real, **config), path)
+    expected = never_stopped.send(TURNS[2], max_new_tokens=12)
+    assert resumed.send(TURNS[2], max_new_tokens=12).token_ids == expected.token_ids
+    assert_same_state(never_stopped, resumed)
+
+
 PROCESS_SCRIPT = """
 import json, sys
 from kvmem import LLM, load_chat
