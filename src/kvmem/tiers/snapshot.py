@@ -65,9 +65,9 @@ def snapshot(cache: KVMemCache) -> Snapshot:
 
 
 def _snapshot_part(part: PagedLayer, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    blocks = [part.pool.tensor(b) for b in part.table.block_ids]
-    full = [b for b, packed in zip(blocks, part._packed) if packed is None]  # each [2, H, bs, D]
-    packed = [b for b, p in zip(blocks, part._packed) if p is not None]  # each uint8 [nbytes]
+    blocks = part.blocks()
+    full = [block for block, quantized in blocks if not quantized]  # each [2, H, bs, D]
+    packed = [block for block, quantized in blocks if quantized]  # each uint8 [nbytes]
     if full:
         stacked = torch.stack(full).cpu()  # [n, 2, H, bs, D]; only the last block may be part-filled
         stacked[-1, :, :, part.table.last_fill :] = 0  # its unused slots: never written, never saved
@@ -84,7 +84,7 @@ def _snapshot_part(part: PagedLayer, name: str, tensors: dict[str, torch.Tensor]
     return {
         "start": part.table.start,
         "length": part.table.length,
-        "blocks": "".join(FULL if p is None else PACKED for p in part._packed),
+        "blocks": "".join(PACKED if quantized else FULL for _, quantized in blocks),
         "initialized": bool(part.is_initialized),
         "dtype": str(part.dtype).removeprefix("torch."),
         "scaling": part.scaling,
@@ -143,7 +143,7 @@ def _restore_part(
     dtype = getattr(torch, str(state["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
         raise CorruptCacheError(f"layer part {name}: unknown dtype {state['dtype']!r}")
-    blocks, bs, pool = str(state["blocks"]), part.table.block_size, part.pool
+    blocks, bs = str(state["blocks"]), part.table.block_size
     full = _blocks(tensors, f"{name}.full", blocks.count(FULL), (2, part.num_heads, bs, part.head_dim), dtype)
     nbytes = 0 if part.layout is None else part.layout.nbytes
     packed = _blocks(tensors, f"{name}.packed", blocks.count(PACKED), (nbytes,), torch.uint8)
@@ -155,22 +155,9 @@ def _restore_part(
     if (PACKED in blocks and part.layout is None) or set(blocks) - {FULL, PACKED}:
         raise CorruptCacheError(f"layer part {name}: block kinds {blocks!r} do not fit this layer")
     part.dtype, part.device, part.is_initialized = dtype, device, bool(state["initialized"])
-    next_full = next_packed = 0
-    for kind in blocks:
-        if kind == FULL:
-            block_id = pool.allocate(part.num_heads, part.head_dim, dtype, device)
-            source = full[next_full]
-            next_full += 1
-        else:
-            block_id = pool.allocate_raw(nbytes, device)
-            source = packed[next_packed]
-            next_packed += 1
-        part.table.block_ids.append(block_id)  # at once, so that release() frees it on error
-        block = pool.tensor(block_id)
-        block.copy_(source)
-        part._keys.append(block[0] if kind == FULL else None)
-        part._values.append(block[1] if kind == FULL else None)
-        part._packed.append(block if kind == PACKED else None)
+    sources = {FULL: iter(full), PACKED: iter(packed)}
+    for kind in blocks:  # each added to the table at once, so that release() frees it on error
+        part.add_block(next(sources[kind]), packed=kind == PACKED)
     part.table.start, part.table.length = start, length
     part.scaling = None if state["scaling"] is None else float(state["scaling"])
     for key in _STATE:
