@@ -48,7 +48,8 @@ def _seeded(cls: type[PreTrainedModel], config: object, seed: int) -> PreTrained
     return model
 
 
-def tiny_llama() -> LoadedModel:
+def tiny_llama(seed: int = 0) -> LoadedModel:
+    """``seed`` picks the random weights: another seed is another model of the same shape."""
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -58,7 +59,7 @@ def tiny_llama() -> LoadedModel:
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    return _loaded("tiny-llama", _seeded(LlamaForCausalLM, config, 0), byte_tokenizer(chat=True))
+    return _loaded("tiny-llama", _seeded(LlamaForCausalLM, config, seed), byte_tokenizer(chat=True))
 
 
 def tiny_gemma(window: int = 8) -> LoadedModel:

@@ -10,12 +10,15 @@ from kvmem.errors import (
     KVMemError,
     ModelNotFoundError,
     PromptTooLongError,
+    SessionMismatchError,
+    SessionNotFoundError,
 )
 from kvmem.kv.budget import parse_budget
 from kvmem.kv.pool import KVPool, PoolConfig
 from kvmem.model.cache import KVMemCache
 from kvmem.model.loader import LoadedModel, load_model
 from kvmem.model.registry import DEFAULT_MODEL, embedded_names
+from kvmem.tiers.session import load_chat, save_session
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -33,8 +36,12 @@ __all__ = [
     "ModelNotFoundError",
     "PoolConfig",
     "PromptTooLongError",
+    "SessionMismatchError",
+    "SessionNotFoundError",
     "embedded_names",
+    "load_chat",
     "load_model",
     "parse_budget",
+    "save_session",
 ]
 __version__ = "0.1.0"

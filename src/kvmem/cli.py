@@ -8,12 +8,17 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmem.bench import cli as bench_cli
 from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
+
+if TYPE_CHECKING:
+    from kvmem.engine.chat import ChatSession
+    from kvmem.engine.llm import LLM
 
 EXIT_USAGE = 2
 
@@ -45,7 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat; shows KV bytes held after each turn")
     _model_args(chat)
     _sampling_args(chat, default_new_tokens=256)
-    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--system", help="system prompt (a resumed session keeps its own)")
+    chat.add_argument(
+        "--session",
+        metavar="NAME",
+        help="keep the conversation in a session file: resume it if the file exists (its KV state is "
+        "loaded, nothing is recomputed) and save it after every turn and on exit. A bare NAME is "
+        "<cache>/sessions/NAME.kvsession ($KVMEM_CACHE_DIR or ~/.cache/kvmem); a path is used as "
+        "given. The session must be resumed with the same --model, --policy and --block-size",
+    )
 
     info = sub.add_parser("info", help="architecture, KV heads, bytes of KV per token, context length")
     info.add_argument(
@@ -189,13 +202,15 @@ def describe(result: object) -> str:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from kvmem.engine.result import GenerationResult
+    from kvmem.tiers.session import session_path
 
     llm = _make_llm(args)
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"kvmem chat with {args.model} — /quit to leave, /reset to start over", file=sys.stderr)
-    session = llm.chat(args.system)
+    path = None if args.session is None else session_path(args.session)
+    session = _open_session(llm, args.system, path, args.session)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -221,8 +236,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     print(event, end="", flush=True)
         except (KVBudgetError, PromptTooLongError) as exc:  # the turn is refused; the chat goes on
             print(f"\nkvmem: error: {exc}", file=sys.stderr)
+            continue
+        if path is not None:  # after every completed turn: an interrupted chat loses at most one
+            session.save(path)
+    if path is not None:
+        session.save(path)
     session.close()
     return 0
+
+
+def _open_session(llm: LLM, system: str | None, path: Path | None, name: str | None) -> ChatSession:
+    """A new chat, or the one saved at ``path`` (its KV state loaded, nothing recomputed)."""
+    from kvmem.tiers.session import load_chat
+
+    if path is None or not path.exists():
+        return llm.chat(system)
+    session = load_chat(llm, path)
+    print(
+        f"[resumed session {name}: {session.turns} turns, {len(session.sequence.token_ids)} tokens, "
+        f"{format_bytes(session.kv_bytes)} of KV loaded; nothing recomputed]",
+        file=sys.stderr,
+    )
+    return session
 
 
 def cmd_info(args: argparse.Namespace) -> int:

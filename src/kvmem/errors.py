@@ -43,6 +43,17 @@ class CorruptCacheError(KVMemError):
     """A file in kvmem's cache folder is unreadable or does not match what was written."""
 
 
+class SessionNotFoundError(KVMemError, FileNotFoundError):
+    """No saved chat session at the path given."""
+
+
+class SessionMismatchError(KVMemError):
+    """A saved chat session was made with another model, policy, block size or file format.
+
+    Its KV state is only valid for exactly what made it; the message says what that was.
+    """
+
+
 def format_bytes(n: int | float) -> str:
     """Human-readable binary size: ``format_bytes(3 * 2**20) == '3.00 MiB'``."""
     value = float(n)

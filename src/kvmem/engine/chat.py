@@ -8,7 +8,9 @@ from kvmem.engine.result import GenerationResult
 from kvmem.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Iterator
+    from pathlib import Path
 
     from kvmem.engine.llm import LLM
 
@@ -95,6 +97,13 @@ class ChatSession:
         # The plain format starts with the BOS token as text, as a tokenizer adds it to a prompt.
         bos = self.llm.tokenizer.bos_token if self.llm.encode("")[:1] else ""
         return (bos or "") + render_plain(messages, add_generation_prompt)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the conversation and its KV state to ``path``, atomically (``kvmem.tiers.session``);
+        ``kvmem.load_chat(llm, path)`` resumes it without recomputing anything."""
+        from kvmem.tiers.session import save_session
+
+        return save_session(self, path)
 
     def close(self) -> None:
         self.sequence.release()

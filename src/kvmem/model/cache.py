@@ -325,6 +325,26 @@ class PagedLayer(CacheLayerMixin):
         new.attention = None if self.attention is None else self.attention.clone()
         return new
 
+    def blocks(self) -> list[tuple[torch.Tensor, bool]]:
+        """Each block's pool tensor in table order, and whether it is quantized (a uint8 buffer)
+        rather than keys and values ([2, H, bs, D]). The tensors are the pool's: do not write."""
+        return [(self.pool.tensor(b), p is not None) for b, p in zip(self.table.block_ids, self._packed)]
+
+    def add_block(self, source: torch.Tensor, packed: bool) -> None:
+        """Append a block holding a copy of ``source`` (as ``blocks`` gives them), allocated in
+        the pool (may raise ``KVBudgetError``). The caller sets the table's ``start`` and
+        ``length`` once every block is in (restoring saved state)."""
+        if packed:
+            block_id = self.pool.allocate_raw(source.numel(), self.device)
+        else:
+            block_id = self.pool.allocate(self.num_heads, self.head_dim, source.dtype, self.device)
+        self.table.block_ids.append(block_id)
+        block = self.pool.tensor(block_id)
+        block.copy_(source)
+        self._keys.append(None if packed else block[0])
+        self._values.append(None if packed else block[1])
+        self._packed.append(block if packed else None)
+
     def release(self) -> None:
         """Give every block back to the pool; the layer is empty afterwards."""
         for block_id in self.table.block_ids:

@@ -1,0 +1,185 @@
+"""A cache's KV state as plain tensors plus a JSON-able description, and back into a pool.
+
+``snapshot`` reads a ``KVMemCache`` without changing it; ``restore`` fills an empty one, block
+by block, in its own pool. Every block is stored as it is held: a full-precision block as its
+keys and values, a quantized one as its ``uint8`` buffer (nothing is decoded or re-encoded), so
+a restored cache is bit-identical to the saved one. Besides the blocks, what a policy reads on
+later turns is kept too: each layer's recent queries, accumulated attention and softmax scale
+(eviction scorers), the key-channel permutation of a BFP layout, and measured layer shares (CAKE).
+
+Ragged (AdaKV) and mixed-precision (MiKV) layers hold their blocks in inner ``PagedLayer``s;
+each layer is saved as a list of such parts (``""``, ``".h0"``…, ``".high"``, ``".low"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from kvmem.errors import CorruptCacheError, KVBudgetError, SessionMismatchError
+from kvmem.kv.pool import block_nbytes
+from kvmem.model.cache import KVMemCache, PagedLayer
+from kvmem.model.mixed import MixedLayer
+from kvmem.model.ragged import RaggedLayer
+
+FULL, PACKED = "f", "q"  # a block's kind in a part's ``blocks`` string
+_STATE = ("recent_queries", "attention")  # scorer state kept on a layer (kvmem.compress.observe)
+
+
+class Snapshot(NamedTuple):
+    """``header``: JSON-able (layer kinds, table state, scales); ``tensors``: CPU, contiguous."""
+
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def layer_kind(layer: PagedLayer) -> str:
+    if isinstance(layer, RaggedLayer):
+        return "ragged"
+    if isinstance(layer, MixedLayer):
+        return "mixed"
+    return "full" if layer.window is None else "sliding"
+
+
+def parts(layer: PagedLayer) -> list[tuple[str, PagedLayer]]:
+    """The layer and the inner layers that hold its blocks, by name suffix."""
+    found: list[tuple[str, PagedLayer]] = [("", layer)]
+    if isinstance(layer, RaggedLayer):
+        found += [(f".h{h}", head) for h, head in enumerate(layer.heads)]
+    if isinstance(layer, MixedLayer):
+        found += [(".high", layer.high), (".low", layer.low)]
+    return found
+
+
+def snapshot(cache: KVMemCache) -> Snapshot:
+    """The cache's blocks, table state and scorer state; the cache is not changed."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers = []
+    for i, layer in enumerate(cache.paged_layers):
+        states = {}
+        for suffix, part in parts(layer):
+            states[suffix] = _snapshot_part(part, f"{i}{suffix}", tensors)
+        layers.append({"kind": layer_kind(layer), "parts": states})
+    return Snapshot({"layers": layers, "layer_weights": cache.layer_weights}, tensors)
+
+
+def _snapshot_part(part: PagedLayer, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    blocks = part.blocks()
+    full = [block for block, quantized in blocks if not quantized]  # each [2, H, bs, D]
+    packed = [block for block, quantized in blocks if quantized]  # each uint8 [nbytes]
+    if full:
+        stacked = torch.stack(full).cpu()  # [n, 2, H, bs, D]; only the last block may be part-filled
+        stacked[-1, :, :, part.table.last_fill :] = 0  # its unused slots: never written, never saved
+        tensors[f"{name}.full"] = stacked
+    if packed:
+        tensors[f"{name}.packed"] = torch.stack(packed).cpu()  # [n, nbytes]
+    for key in _STATE:
+        value = getattr(part, key)
+        if value is not None:
+            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
+    permutation = getattr(part.layout, "permutation", None)  # BFP: chosen by the first block
+    if permutation is not None:
+        tensors[f"{name}.permutation"] = permutation.cpu().contiguous().clone()
+    return {
+        "start": part.table.start,
+        "length": part.table.length,
+        "blocks": "".join(PACKED if quantized else FULL for _, quantized in blocks),
+        "initialized": bool(part.is_initialized),
+        "dtype": str(part.dtype).removeprefix("torch."),
+        "scaling": part.scaling,
+    }
+
+
+def bytes_needed(cache: KVMemCache, header: dict[str, Any]) -> int:
+    """Pool bytes ``restore`` allocates for ``header`` into ``cache``'s layers."""
+    total = 0
+    for layer, state in zip(cache.paged_layers, header["layers"]):
+        for suffix, part in parts(layer):
+            blocks = state["parts"][suffix]["blocks"]
+            full = block_nbytes(part.num_heads, part.head_dim, part.table.block_size, part.dtype)
+            packed = 0 if part.layout is None else part.layout.nbytes
+            total += blocks.count(FULL) * full + blocks.count(PACKED) * packed
+    return total
+
+
+def restore(
+    cache: KVMemCache, header: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device
+) -> None:
+    """Fill the empty ``cache`` from a snapshot, allocating its blocks in ``cache.pool``.
+
+    Raises ``SessionMismatchError`` if the layers are of other kinds than the snapshot's,
+    ``KVBudgetError`` (before allocating anything) if the pool cannot hold the blocks, and
+    ``CorruptCacheError`` if the snapshot is inconsistent. On any error the cache holds nothing.
+    """
+    assert cache.nbytes == 0 and cache.num_tokens == 0, "restore into an empty cache"
+    layers = header["layers"]
+    kinds = [layer_kind(layer) for layer in cache.paged_layers]
+    saved = [state["kind"] for state in layers]
+    if saved != kinds:
+        raise SessionMismatchError(
+            f"the saved cache has layers {saved} but this model and policy make {kinds}"
+        )
+    needed, free = bytes_needed(cache, header), cache.pool.bytes_free
+    if free is not None and needed > free:
+        raise KVBudgetError(needed, free, cache.pool.budget, what="the saved session")
+    try:
+        for i, (layer, state) in enumerate(zip(cache.paged_layers, layers)):
+            for suffix, part in parts(layer):
+                _restore_part(part, state["parts"][suffix], tensors, f"{i}{suffix}", device)
+        lengths = {layer.seq_length for layer in cache.paged_layers}
+        if len(lengths) > 1:
+            raise CorruptCacheError(f"the saved layers hold different sequence lengths {sorted(lengths)}")
+        weights = header["layer_weights"]
+        cache.layer_weights = None if weights is None else [float(w) for w in weights]
+    except BaseException:
+        cache.release()
+        raise
+
+
+def _restore_part(
+    part: PagedLayer, state: dict[str, Any], tensors: dict[str, torch.Tensor], name: str, device: torch.device
+) -> None:
+    dtype = getattr(torch, str(state["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptCacheError(f"layer part {name}: unknown dtype {state['dtype']!r}")
+    blocks, bs = str(state["blocks"]), part.table.block_size
+    full = _blocks(tensors, f"{name}.full", blocks.count(FULL), (2, part.num_heads, bs, part.head_dim), dtype)
+    nbytes = 0 if part.layout is None else part.layout.nbytes
+    packed = _blocks(tensors, f"{name}.packed", blocks.count(PACKED), (nbytes,), torch.uint8)
+    start, length = int(state["start"]), int(state["length"])
+    if not 0 <= start <= length or len(blocks) != -(-(length - start) // bs):
+        raise CorruptCacheError(
+            f"layer part {name}: {len(blocks)} blocks cannot hold tokens {start}..{length}"
+        )
+    if (PACKED in blocks and part.layout is None) or set(blocks) - {FULL, PACKED}:
+        raise CorruptCacheError(f"layer part {name}: block kinds {blocks!r} do not fit this layer")
+    part.dtype, part.device, part.is_initialized = dtype, device, bool(state["initialized"])
+    sources = {FULL: iter(full), PACKED: iter(packed)}
+    for kind in blocks:  # each added to the table at once, so that release() frees it on error
+        part.add_block(next(sources[kind]), packed=kind == PACKED)
+    part.table.start, part.table.length = start, length
+    part.scaling = None if state["scaling"] is None else float(state["scaling"])
+    for key in _STATE:
+        value = tensors.get(f"{name}.{key}")
+        setattr(part, key, None if value is None else value.to(device))
+    permutation = tensors.get(f"{name}.permutation")
+    if permutation is not None:
+        if not hasattr(part.layout, "permutation"):
+            raise CorruptCacheError(f"layer part {name}: a key permutation, but this layer's format has none")
+        part.layout.permutation = permutation.to(device)  # type: ignore[union-attr]
+
+
+def _blocks(
+    tensors: dict[str, torch.Tensor], name: str, count: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """The stacked blocks ``name`` ([count, *shape] of ``dtype``), checked; empty when count is 0."""
+    if count == 0:
+        if name in tensors:
+            raise CorruptCacheError(f"{name}: blocks saved that no table refers to")
+        return torch.empty((0, *shape), dtype=dtype)
+    found = tensors.get(name)
+    if found is None or tuple(found.shape) != (count, *shape) or found.dtype != dtype:
+        got = "nothing" if found is None else f"{tuple(found.shape)} {found.dtype}"
+        raise CorruptCacheError(f"{name}: expected {count} blocks of {shape} {dtype}, found {got}")
+    return found
