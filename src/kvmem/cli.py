@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
+from kvmem.tiers import cli as cache_cli
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
@@ -44,12 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", type=Path, help="read the prompt from this file ('-' for stdin)")
     _sampling_args(gen)
+    _reuse_args(gen)
     gen.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with the text and the stats")
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat; shows KV bytes held after each turn")
     _model_args(chat)
     _sampling_args(chat, default_new_tokens=256)
+    _reuse_args(chat)
     chat.add_argument("--system", help="system prompt (a resumed session keeps its own)")
     chat.add_argument(
         "--session",
@@ -72,7 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer (default 48)")
 
     bench_cli.add_parser(sub)
+    cache_cli.add_parser(sub)
     return parser
+
+
+def _reuse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="reuse the KV blocks of leading tokens already computed (no policy or a quantizer alone)",
+    )
+    p.add_argument(
+        "--disk-cache",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="DIR",
+        help="also keep those blocks on disk so a later run skips their prefill "
+        f"(default folder {cache_cli.default_dir()}; see `kvmem cache`)",
+    )
+    p.add_argument("--disk-cache-max", default=None, metavar="SIZE", help="size cap of the disk cache (2GiB)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -126,7 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _validate(args: argparse.Namespace) -> None:
     """Check what can be checked before a model is loaded."""
     if hasattr(args, "kv_budget"):
-        EngineConfig(kv_budget=args.kv_budget, policy=args.policy)  # validates budget and policy
+        EngineConfig(  # validates budget, policy, and whether the policy can share prefixes
+            kv_budget=args.kv_budget,
+            policy=args.policy,
+            prefix_cache=getattr(args, "prefix_cache", False),
+            disk_cache=getattr(args, "disk_cache", None),
+            disk_cache_max=getattr(args, "disk_cache_max", None),
+        )
     for name in ("max_new_tokens", "block_size", "prefill_chunk"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -156,12 +185,18 @@ def _quiet_transformers() -> None:
 def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from kvmem.engine.llm import LLM
 
+    disk = getattr(args, "disk_cache", None)
+    if disk == "default":
+        disk = cache_cli.default_dir()
     return LLM(
         args.model,
         kv_budget=args.kv_budget,
         block_size=args.block_size,
         prefill_chunk=args.prefill_chunk,
         policy=args.policy,
+        prefix_cache=getattr(args, "prefix_cache", False),
+        disk_cache=disk,
+        disk_cache_max=getattr(args, "disk_cache_max", None),
     )
 
 
@@ -174,7 +209,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = (args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
     if args.json:
         result = llm.generate(prompt, *sampling)
-        print(json.dumps(result.to_json()))
+        out = result.to_json()
+        if llm.prefix is not None and llm.prefix.disk is not None:
+            out["disk_tier"] = dataclasses.asdict(llm.prefix.disk.stats)  # this run's tier traffic
+        print(json.dumps(out))
         return 0
     from kvmem.engine.result import GenerationResult
 
@@ -195,7 +233,9 @@ def describe(result: object) -> str:
     s = result.stats
     return (
         f"[kv: {format_bytes(s.kv_bytes)} held for {s.kv_tokens} tokens ({s.kv_ratio:.0%} of a full cache) | "
-        f"prefill {s.tokens_prefilled} tok in {s.prefill_s:.2f}s | TTFT {s.ttft_s:.2f}s | "
+        f"prefill {s.tokens_prefilled} tok in {s.prefill_s:.2f}s"
+        + (f" ({s.tokens_reused} reused, {s.tokens_from_disk} from disk)" if s.tokens_reused else "")
+        + f" | TTFT {s.ttft_s:.2f}s | "
         f"{s.new_tokens} new tok at {s.decode_tokens_per_s:.1f} tok/s | {result.finish_reason}]"
     )
 
@@ -319,6 +359,7 @@ COMMANDS = {
     "policies": cmd_policies,
     "demo": cmd_demo,
     "bench": bench_cli.cmd_bench,
+    "cache": cache_cli.cmd_cache,
 }
 
 if __name__ == "__main__":

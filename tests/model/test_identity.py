@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import torch
-from tests.tiny_models import tiny_llama
 
 from kvmem.model.identity import model_identity
+from tiny_models import tiny_llama
 
 
 def test_identity_is_stable_and_tells_weights_apart() -> None:

@@ -202,6 +202,12 @@ class LLM:
 
         return ChatSession(self, system, cache_salt)
 
+    def load_chat(self, path: str | Path) -> ChatSession:
+        """Resume a chat saved with ``ChatSession.save``; nothing is recomputed (``kvmem.tiers.session``)."""
+        from kvmem.tiers.session import load_chat
+
+        return load_chat(self, path)
+
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:
     """The end-of-sequence ids of the model's generation config, as transformers' generate uses them."""
