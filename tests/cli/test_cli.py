@@ -123,7 +123,7 @@ def test_policies_lists_every_registered_policy() -> None:
     proc = kvmem("policies")
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.strip().splitlines()]
-    assert names == [*SCORERS, "pyramid", "cake", "adakv", "mixed", "merge", *QUANTIZERS]
+    assert names == [*SCORERS, "pyramid", "cake", "adakv", "mixed", "merge", *QUANTIZERS, "offload"]
 
 
 def test_generate_with_a_policy_stays_within_the_budget(tiny_folder: str) -> None:

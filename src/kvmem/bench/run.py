@@ -56,7 +56,8 @@ def can_evict(method: str) -> bool:
         return False
     if is_kvpress(method):  # kvpress peer: every press takes a compression ratio
         return True
-    return make_policy(method, KVBudget.parse("1GiB")).scorer is not None
+    policy = make_policy(method, KVBudget.parse("1GiB"))
+    return policy.scorer is not None or policy.offload is not None
 
 
 def plan(config: BenchConfig) -> list[tuple[str, float | None]]:

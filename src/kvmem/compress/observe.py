@@ -2,7 +2,8 @@
 
 ``kvmem_sdpa`` is transformers' SDPA attention plus one thing: when the forward call carries a
 ``kvmem_observer`` keyword (transformers passes model keywords down to the attention function),
-the observer sees each layer's queries and keys; a full-attention layer holding fewer tokens
+the observer sees each layer's queries and keys; an offloading layer adds the blocks it fetched
+for those queries; a full-attention layer holding fewer tokens
 than the mask was built for (per-layer budgets) gets a mask of its own size; and a layer whose
 heads hold different numbers of tokens (AdaKV) gets a per-head mask hiding its padding.
 Otherwise it is plain SDPA.
@@ -41,6 +42,11 @@ class Observer:
             layer.recent_queries = joined[:, -self.query_window :]
         if self.accumulate:
             layer.attention = _accumulate(layer.attention, q, key[0], scaling, layer.valid())
+
+    def retrieve(self, layer_idx: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values a layer fetches for these queries besides those it holds (offloading)."""
+        retrieve = getattr(self.cache.layers[layer_idx], "retrieve", None)
+        return None if retrieve is None else retrieve(query)
 
     def valid(self, layer_idx: int) -> torch.Tensor | None:
         """[H, T] bool, False on a layer's padding slots; None when it has none."""
@@ -82,9 +88,17 @@ def kvmem_sdpa(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     observer = kwargs.pop("kvmem_observer", None)
+    fetched = None if observer is None else observer.retrieve(module.layer_idx, query)
+    if fetched is not None:  # offloaded blocks chosen for these queries: all in their past
+        key = torch.cat([fetched[0], key], dim=2)  # [1, H, k + T, D]
+        value = torch.cat([fetched[1], value], dim=2)
     q_len, kv_len = query.shape[2], key.shape[2]
     valid = None if observer is None else observer.valid(module.layer_idx)  # [H, T]
-    if valid is not None or (attention_mask is not None and attention_mask.shape[-1] != kv_len):
+    if (
+        valid is not None
+        or fetched is not None
+        or (attention_mask is not None and attention_mask.shape[-1] != kv_len)
+    ):
         # transformers builds one mask per layer type, sized for the first layer of that type;
         # with per-layer budgets another full layer may hold fewer tokens. Its held tokens are
         # all in the past of the new ones, so: every held key visible, causal among the new.

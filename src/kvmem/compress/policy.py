@@ -22,11 +22,13 @@ from kvmem.compress.budget import KVBudget
 from kvmem.compress.heads import AdaKV
 from kvmem.compress.merge import Merge
 from kvmem.compress.mixed import MixedPrecision
+from kvmem.compress.offload import Offload
 from kvmem.compress.quantizer import Quantizer
 from kvmem.compress.scorer import ScoreInputs, Scorer
 from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache import KVMemCache, PagedLayer
 from kvmem.model.mixed import MixedLayer
+from kvmem.model.offload import OffloadLayer
 from kvmem.model.ragged import RaggedLayer
 
 
@@ -45,8 +47,16 @@ class Policy:
     merge: Merge | None = None
     heads: AdaKV | None = None
     mixed: MixedPrecision | None = None
+    offload: Offload | None = None
 
     def __post_init__(self) -> None:
+        if self.offload is not None:
+            others = (self.scorer, self.quant, self.merge, self.heads, self.mixed)
+            if any(part is not None for part in others) or not isinstance(self.allocator, Uniform):
+                raise ValueError("offload is a policy of its own: it combines with no other part")
+            if self.budget.bytes is None:
+                raise InvalidBudgetError("offload needs a KV budget in bytes: the RAM its layers may hold")
+            return
         if self.scorer is None and self.quant is None:
             raise ValueError("a policy needs an eviction scorer, a quantizer, or both")
         if self.heads is not None and (self.scorer is None or not self.scorer.per_head):
@@ -70,7 +80,7 @@ class Policy:
     @property
     def name(self) -> str:
         allocator = None if isinstance(self.allocator, Uniform) else self.allocator
-        parts = (self.scorer, allocator, self.heads, self.mixed, self.merge, self.quant)
+        parts = (self.scorer, allocator, self.heads, self.mixed, self.merge, self.quant, self.offload)
         return "+".join(part.name for part in parts if part is not None)
 
     def capacities(self, cache: KVMemCache) -> dict[int, int] | None:
@@ -111,12 +121,24 @@ class Policy:
             cache.layer_weights = weights
         return weights
 
+    def offload_room(self, cache: KVMemCache) -> int:
+        """Bytes each offloading layer may hold: the budget, less the sliding layers', shared evenly."""
+        assert self.budget.bytes is not None
+        sliding = [layer for layer in cache.paged_layers if layer.window is not None]
+        fixed = sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding)
+        return (self.budget.bytes - fixed) // max(1, len(cache.paged_layers) - len(sliding))
+
     def max_chunk(self, cache: KVMemCache) -> int | None:
         """The largest forward the policy can make room for (half the smallest capacity)."""
+        if self.offload is not None:
+            return self.offload.chunk(cache.pool.block_size)
         capacities = self.capacities(cache)
         return None if not capacities else max(1, min(capacities.values()) // 2)
 
     def before_forward(self, cache: KVMemCache, q: int) -> None:
+        for layer in cache.paged_layers:
+            if isinstance(layer, OffloadLayer):
+                layer.prepare(q)
         capacities = self.capacities(cache)
         if not capacities:
             return
@@ -129,6 +151,9 @@ class Policy:
                 self.evict(layer, max(capacity - max(q, slack), 1), capacity)
 
     def after_forward(self, cache: KVMemCache) -> None:
+        for layer in cache.paged_layers:
+            if isinstance(layer, OffloadLayer):
+                layer.offload_old()
         if self.budget.fraction is None or self.budget.fraction >= 1 or self.scorer is None:
             return  # 100%: nothing to take from any layer
         full = _compressible(cache)

@@ -9,6 +9,7 @@ from kvmem.compress.heads import AdaKV
 from kvmem.compress.kivi import KIVI
 from kvmem.compress.merge import Merge
 from kvmem.compress.mixed import MixedPrecision
+from kvmem.compress.offload import Offload
 from kvmem.compress.policy import Policy
 from kvmem.compress.quantizer import Quantizer
 from kvmem.compress.scorer import Scorer
@@ -39,7 +40,9 @@ def make_scorer(name: str) -> Scorer:
     try:
         return SCORERS[name.strip().lower()]()
     except KeyError:
-        known = ", ".join([*SCORERS, *ALLOCATORS, AdaKV.name, MixedPrecision.name, Merge.name, *QUANTIZERS])
+        known = ", ".join(
+            [*SCORERS, *ALLOCATORS, AdaKV.name, MixedPrecision.name, Merge.name, *QUANTIZERS, Offload.name]
+        )
         raise UnknownPolicyError(
             f"unknown policy {name!r}; known policies: {known}, or one of each joined by '+' "
             "(see `kvmem policies`)"
@@ -49,7 +52,14 @@ def make_scorer(name: str) -> Scorer:
 def make_policy(spec: str, budget: KVBudget) -> Policy:
     """``"snapkv"``, ``"kivi4"`` or a combination such as ``"snapkv+kivi4"`` (at most one of each)."""
     scorers, quants, allocators, merges, heads, mixed = [], [], [], [], [], []
-    for part in (p.strip().lower() for p in spec.split("+")):
+    parts = [p.strip().lower() for p in spec.split("+")]
+    if Offload.name in parts:
+        if len(parts) > 1:
+            raise UnknownPolicyError(
+                f"policy {spec!r}: offload is a policy of its own, combined with nothing"
+            )
+        return Policy(None, budget, offload=Offload())
+    for part in parts:
         if part == MixedPrecision.name:
             mixed.append(MixedPrecision())
         elif part == Merge.name:
@@ -95,4 +105,5 @@ def describe_policies() -> list[tuple[str, str]]:
     rows.append((MixedPrecision.name, MixedPrecision.summary))
     rows.append((Merge.name, Merge.summary))
     rows += [(name, q.summary) for name, q in QUANTIZERS.items()]
+    rows.append((Offload.name, Offload.summary))
     return rows

@@ -56,8 +56,8 @@ class LLM:
         self.loaded = load_model(model) if isinstance(model, str) else model
         self.pool = KVPool(PoolConfig(budget.bytes, block_size))
         self.policy = None if policy is None else make_policy(policy, budget)
-        if self.policy is not None and self.policy.scorer is not None:
-            # eviction runs through kvmem's registered attention function (queries, per-layer masks)
+        if self.policy is not None and (self.policy.scorer is not None or self.policy.offload is not None):
+            # eviction and offloaded retrieval run through kvmem's registered attention function
             self.loaded.model.set_attn_implementation(register_attention())
         self.prefix: PrefixCache | None = None
         if self.config.shares_prefixes:

@@ -10,6 +10,7 @@ from kvmem.compress.policy import Policy
 from kvmem.errors import KVBudgetError
 from kvmem.kv.pool import KVPool
 from kvmem.model.cache import KVMemCache
+from kvmem.model.offload import OffloadLayer
 from kvmem.model.spec import ModelSpec
 from kvmem.prefix.cache import PrefixCache, PrefixState
 
@@ -44,7 +45,15 @@ class Sequence:
             None if policy is None else policy.quant,
             ragged=ragged,
             mixed=None if policy is None else policy.mixed,
+            offload=None if policy is None else policy.offload,
         )
+        offloads = policy is not None and policy.offload is not None
+        if offloads:
+            assert policy is not None
+            room = policy.offload_room(self.cache)
+            for layer in self.cache.paged_layers:
+                if isinstance(layer, OffloadLayer):
+                    layer.room = room
         self.token_ids: list[int] = []
         scorer = policy.scorer if policy is not None else None
         window = (
@@ -53,6 +62,8 @@ class Sequence:
         self.observer = (
             Observer(self.cache, window, scorer.accumulates)
             if scorer is not None and (window or scorer.accumulates or ragged)
+            else Observer(self.cache, 0, False)  # offloaded layers retrieve blocks in attention
+            if offloads
             else None
         )
 
@@ -84,6 +95,20 @@ class Sequence:
         """
         if self.policy is not None and self.policy.scorer is not None:
             self.policy.capacities(self.cache)  # raises if the budget cannot hold even a minimal cache
+            return
+        if self.policy is not None and self.policy.offload is not None:
+            total = len(self.token_ids) + extra_tokens
+            for layer in self.cache.paged_layers:
+                if isinstance(layer, OffloadLayer) and layer.room is not None:
+                    need = layer.min_bytes(total)
+                    if need > layer.room:
+                        layers = sum(isinstance(x, OffloadLayer) for x in self.cache.paged_layers)
+                        raise KVBudgetError(
+                            need * layers,
+                            layer.room * layers,
+                            self.pool.budget,
+                            what=f"offloading {total} tokens (resident blocks, a summary per block, a fetch)",
+                        )
             return
         needed = self.cache.bytes_to_grow(self.num_pending + extra_tokens)
         free = self.pool.bytes_available  # blocks cached for reuse give way when needed

@@ -14,12 +14,15 @@ the window are freed, which is real memory saved.
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvmem.compress.mixed import MixedPrecision
+from kvmem.compress.offload import Offload
 from kvmem.compress.quantizer import Quantizer
 from kvmem.kv.pool import KVPool, block_nbytes
 from kvmem.kv.table import BlockTable
@@ -369,6 +372,14 @@ def _concat(views: list[torch.Tensor], first: int, offset: int, fill: int) -> to
     return whole[:, offset : (len(parts) - 1) * bs + fill]
 
 
+def offload_dir() -> Path:
+    """Where offloaded blocks go: ``$KVMEM_OFFLOAD_DIR``, else ``<kvmem cache folder>/offload``."""
+    from kvmem.model.loader import cache_dir
+
+    env = os.environ.get("KVMEM_OFFLOAD_DIR")
+    return Path(env).expanduser() if env else cache_dir() / "offload"
+
+
 class KVMemCache(Cache):
     """A transformers ``Cache`` for one sequence whose keys and values live in a ``KVPool``.
 
@@ -384,17 +395,22 @@ class KVMemCache(Cache):
         quant: Quantizer | None = None,
         ragged: bool = False,
         mixed: MixedPrecision | None = None,
+        offload: Offload | None = None,
     ) -> None:
-        # both build on PagedLayer, defined above
+        # all build on PagedLayer, defined above
         from kvmem.model.mixed import MixedLayer
+        from kvmem.model.offload import OffloadLayer, OffloadStore
         from kvmem.model.ragged import RaggedLayer
 
         self.pool = pool
         self.spec = spec
         h, d = spec.num_kv_heads, spec.head_dim
+        self.offload_store = None if offload is None else OffloadStore(offload_dir())
         layers: list[PagedLayer] = []
         for i, w in enumerate(spec.windows):
-            if w is None and ragged:
+            if w is None and offload is not None and self.offload_store is not None:
+                layers.append(OffloadLayer(pool, h, d, spec.dtype, i, offload, self.offload_store))
+            elif w is None and ragged:
                 layers.append(RaggedLayer(pool, h, d, spec.dtype, i, quant))
             elif w is None and mixed is not None:
                 layers.append(MixedLayer(pool, h, d, spec.dtype, i, quant, mixed.low, mixed.low_share))
@@ -441,8 +457,13 @@ class KVMemCache(Cache):
         new.pool = pool
         new.layers = [layer.copy_to(pool) for layer in self.paged_layers]
         new.layer_weights = None if self.layer_weights is None else list(self.layer_weights)
+        if self.offload_store is not None:  # offloaded blocks never change: the copy shares them
+            self.offload_store.users += 1
         return new
 
     def release(self) -> None:
         for layer in self.paged_layers:
             layer.release()
+        if self.offload_store is not None:
+            self.offload_store.release()
+            self.offload_store = None

@@ -56,6 +56,11 @@ def snapshot(cache: KVMemCache) -> Snapshot:
     """The cache's blocks, table state and scorer state; the cache is not changed."""
     tensors: dict[str, torch.Tensor] = {}
     layers = []
+    if cache.offload_store is not None:
+        raise SessionMismatchError(
+            "saving sessions of the offload policy is not supported yet: its blocks live in a "
+            "temporary folder of the running process"
+        )
     for i, layer in enumerate(cache.paged_layers):
         states = {}
         for suffix, part in parts(layer):

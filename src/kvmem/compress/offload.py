@@ -1,0 +1,70 @@
+"""``Offload``: contexts larger than the RAM budget — old blocks on disk, a summary of each in RAM,
+and at every forward only the blocks most relevant to the current queries fetched back.
+
+What it does, per full-attention layer (``kvmem.model.offload.OffloadLayer`` holds the state):
+
+- RAM always holds the first ``sinks`` blocks (attention sinks), the last ``recent`` full blocks
+  and the partly filled one. After each forward every other block is written to an offload store
+  (the disk tier's checked file format, in a folder of its own) and freed from the pool.
+- Each offloaded block leaves a summary in the pool: the per-channel minimum and maximum of its
+  keys for every KV head ([2, H, D] float32). This is Quest's page summary (Tang et al., 2024).
+- At each forward, for each layer, the queries bound every offloaded block's attention logit from
+  above with Quest's bound ``sum_d max(q_d * min_d, q_d * max_d)``; the blocks with the highest
+  bound are fetched (from RAM if still cached, else from disk) and attended together with the
+  resident tokens. Fetched blocks stay cached in RAM, least recently used first out, within what
+  the budget leaves after the resident blocks and the summaries.
+
+Simplifications, said plainly: Quest selects pages per query head and keeps the whole cache on
+the GPU; here one selection per layer serves all heads (the largest bound over heads and over
+the forward's queries), so a fetched block is read once for every head. ShadowKV and InfLLM
+offload to CPU memory and prefetch asynchronously; here the store is a folder and reads are
+synchronous. A prefill chunk's queries share one selection. Summaries grow with the context
+(1.6% of a block for SmolLM2 at 64-token blocks), so a budget bounds the context it can serve;
+a request beyond that is refused up front with ``KVBudgetError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Offload:
+    name: ClassVar[str] = "offload"
+    summary: ClassVar[str] = (
+        "offloaded retrieval: old blocks on disk, Quest key bounds in RAM, the most relevant fetched back"
+    )
+    sinks: int = 1  # leading blocks always resident
+    recent: int = 2  # trailing full blocks always resident (plus the partly filled one)
+
+    def __post_init__(self) -> None:
+        if self.sinks < 0 or self.recent < 1:
+            raise ValueError("offload needs sinks >= 0 and recent >= 1 blocks")
+
+    def chunk(self, block_size: int) -> int:
+        """Tokens per forward: a prefill chunk adds at most ``recent`` blocks before offloading."""
+        return self.recent * block_size
+
+    @property
+    def resident_blocks(self) -> int:
+        """Most blocks a layer holds in RAM during a forward (sinks, recent, partial, a chunk)."""
+        return self.sinks + 2 * self.recent + 1
+
+
+def quest_bounds(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of every block's largest attention logit (before scaling): [N].
+
+    query: [Hq, q, D]; summaries: [N, 2, H, D] (per-channel key minimum and maximum per KV head).
+    For any key k inside a block's box, q . k <= sum_d max(q_d * min_d, q_d * max_d).
+    """
+    heads = summaries.shape[2]
+    hq, q, d = query.shape
+    qg = query.reshape(heads, (hq // heads) * q, d).float()  # [H, G*q, D]: a KV head's queries
+    low, high = summaries[:, 0], summaries[:, 1]  # [N, H, D]
+    bound = torch.einsum("hgd,nhd->nhg", qg.clamp(min=0), high) + torch.einsum(
+        "hgd,nhd->nhg", qg.clamp(max=0), low
+    )  # [N, H, G*q]
+    return bound.amax(dim=(1, 2))

@@ -1,0 +1,120 @@
+"""Offloaded retrieval: Quest's bound, the right block fetched, the budget held, files cleaned up."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvmem.compress.budget import KVBudget
+from kvmem.compress.offload import Offload, quest_bounds
+from kvmem.compress.registry import UnknownPolicyError, make_policy
+from kvmem.engine.llm import LLM
+from kvmem.engine.result import GenerationResult
+from kvmem.engine.sampling import SamplingParams
+from kvmem.errors import InvalidBudgetError, KVBudgetError, SessionMismatchError
+from kvmem.kv.pool import KVPool, PoolConfig
+from kvmem.model.loader import LoadedModel
+from kvmem.model.offload import OffloadLayer, OffloadStore
+
+
+def test_quest_bound_is_an_upper_bound_and_tight_for_one_token() -> None:
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(7, 2, 5, 8, generator=g)  # [N blocks, H, tokens, D]
+    query = torch.randn(4, 3, 8, generator=g)  # [Hq = 2 groups of 2, q, D]
+    summaries = torch.stack([keys.amin(dim=2), keys.amax(dim=2)], dim=1)  # [N, 2, H, D]
+    bounds = quest_bounds(query, summaries)
+    qg = query.reshape(2, 6, 8)  # per KV head, its query heads' queries
+    true_max = torch.einsum("hgd,nhtd->nhgt", qg, keys).amax(dim=(1, 2, 3))
+    assert torch.all(bounds >= true_max - 1e-5)
+    one = keys[:, :, :1]  # a block of one token: min == max, the bound is the logit itself
+    exact = quest_bounds(query, torch.stack([one[:, :, 0], one[:, :, 0]], dim=1))
+    assert torch.allclose(exact, torch.einsum("hgd,nhd->nhg", qg, one[:, :, 0]).amax(dim=(1, 2)), atol=1e-5)
+
+
+def test_the_block_a_query_points_at_is_fetched(tmp_path: Path) -> None:
+    pool = KVPool(PoolConfig(None, 4))
+    layer = OffloadLayer(pool, 2, 8, torch.float32, 0, Offload(sinks=1, recent=1), OffloadStore(tmp_path))
+    layer.room = 3 * layer.block_bytes + 8 * layer.summary_bytes  # 2 resident, 8 summaries, 1 fetch
+    g = torch.Generator().manual_seed(1)
+    needle = torch.zeros(8)
+    needle[3] = 1.0
+    for b in range(10):  # ten 4-token blocks, appended and offloaded one forward at a time
+        keys = 0.1 * torch.randn(1, 2, 4, 8, generator=g)
+        if b == 6:
+            keys[..., 3] += 5.0  # block 6's keys point where the query will
+        layer.update(keys, torch.full((1, 2, 4, 8), float(b)))
+        layer.offload_old()
+    assert layer.num_offloaded == 10 - 1 - 1  # all but the sink and the recent block
+    fetched = layer.retrieve(needle.expand(1, 2, 1, 8).contiguous())
+    assert fetched is not None
+    assert fetched[0].shape == (1, 2, 4, 8)  # room for exactly one fetched block
+    assert torch.all(fetched[1] == 6.0)  # block 6's values, read back from disk
+    assert layer.reads == 1
+    layer.check()
+    assert layer.nbytes == pool.bytes_used == pool.physical_nbytes()
+
+
+def test_ample_budget_reproduces_uncompressed_output(tiny: LoadedModel) -> None:
+    ids = list(range(3, 150))
+    expected = LLM(tiny, block_size=4).generate(ids, max_new_tokens=30).token_ids
+    llm = LLM(tiny, block_size=4, kv_budget="1MiB", policy="offload")
+    seq = llm.new_sequence()
+    seq.token_ids = list(ids)
+    result = next(e for e in llm.run(seq, 30, SamplingParams(), ()) if isinstance(e, GenerationResult))
+    tokens = result.token_ids
+    offloaded = [layer.num_offloaded for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
+    assert offloaded and min(offloaded) > 20  # really on disk, every block fetched back
+    assert tokens == expected
+    seq.release()
+
+
+def test_byte_budget_holds_at_every_step_and_files_go_with_the_sequence(tiny: LoadedModel) -> None:
+    budget = 64 * 1024  # a full cache of these 347 tokens is several times more
+    llm = LLM(tiny, block_size=4, kv_budget=budget, policy="offload")
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 150))
+    seq.reserve(200)
+    logits = seq.prefill(512)
+    for _ in range(200):
+        assert llm.pool.bytes_used <= budget
+        assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
+        llm.pool.check_integrity()
+        for layer in seq.cache.paged_layers:
+            layer.check()
+        logits = seq.step(int(logits.argmax()))
+    layers = [layer for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
+    assert all(layer.num_offloaded > 60 and layer.reads > 0 for layer in layers)
+    assert seq.cache.nbytes < seq.num_cached * tiny.spec.kv_bytes_per_token / 2
+    store = seq.cache.offload_store
+    assert store is not None and any(store.folder.rglob("*.kvblock"))
+    fork = seq.fork()  # shares the offloaded files
+    seq.release()
+    assert store.folder.exists()
+    fork.step(int(logits.argmax()))
+    fork.release()
+    assert not store.folder.exists() and llm.pool.bytes_used == 0
+
+
+def test_a_budget_too_small_for_the_summaries_is_refused_up_front(llama: LoadedModel) -> None:
+    llm = LLM(llama, block_size=4, kv_budget=24 * 1024, policy="offload")
+    with pytest.raises(KVBudgetError, match="offloading"):
+        llm.generate(list(range(3, 200)), max_new_tokens=40)
+    assert llm.pool.bytes_used == 0
+    assert llm.generate(list(range(3, 40)), max_new_tokens=8).stats.new_tokens == 8  # a short one fits
+
+
+def test_offload_is_a_policy_of_its_own_with_a_byte_budget() -> None:
+    with pytest.raises(UnknownPolicyError, match="of its own"):
+        make_policy("offload+kivi4", KVBudget.parse("1MiB"))
+    with pytest.raises(InvalidBudgetError, match="bytes"):
+        make_policy("offload", KVBudget.parse("25%"))
+    assert make_policy("offload", KVBudget.parse("1MiB")).name == "offload"
+
+
+def test_an_offloading_chat_cannot_be_saved_yet(llama: LoadedModel, tmp_path: Path) -> None:
+    llm = LLM(llama, block_size=4, kv_budget="1MiB", policy="offload")
+    with llm.chat() as session:
+        session.send("hello there", max_new_tokens=4)
+        with pytest.raises(SessionMismatchError, match="offload"):
+            session.save(tmp_path / "s.kvsession")
+    assert not (tmp_path / "s.kvsession").exists()
