@@ -80,3 +80,18 @@ def test_full_cache_through_kvmem_answers_as_transformers_generate(result: Bench
     hf_logprobs = [r.gold_logprob for r in result.records if r.method == "hf"]
     full_logprobs = [r.gold_logprob for r in result.records if r.method == "full" and r.task != "realtext"]
     assert hf_logprobs == pytest.approx(full_logprobs, abs=1e-4)
+
+
+def test_multirequest_reuses_the_shared_context(llama: LoadedModel) -> None:
+    config = CONFIG.replace(methods=("full", "kivi4", "snapkv"), tasks=("vartrack",), mode="multirequest",
+                            length=500, speed_lengths=(64,))  # fmt: skip
+    records = run_bench(config, model=llama, progress=False).records
+    for method in ("full", "kivi4"):
+        rows = [r for r in records if r.method == method]
+        assert len(rows) > 1 and rows[0].tokens_reused == 0  # the first request computes the context
+        for r in rows[1:]:  # the others adopt its whole blocks
+            assert r.tokens_reused % config.block_size == 0 and r.tokens_reused > r.prompt_tokens / 2
+    assert all(r.tokens_reused == 0 for r in records if r.method == "snapkv")  # eviction: no sharing
+    single = run_bench(config.replace(mode="single"), model=llama, progress=False).records
+    outputs = [r.output for r in single if r.method == "full"]
+    assert outputs == [r.output for r in records if r.method == "full"]  # reuse changes no answer

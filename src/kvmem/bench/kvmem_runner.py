@@ -4,8 +4,9 @@ Modes (after SCBench):
 - ``single``: every question is its own request: the context and the question are prefilled together.
 - ``multiturn``: the context is prefilled (and compressed, query-agnostically) once; the questions
   follow one after another in the same sequence, each after the previous answer.
-- ``multirequest``: independent requests that share the context as a prefix. Until kvmem reuses
-  prefixes across requests this computes like ``single``; ``tokens_reused`` says what was reused.
+- ``multirequest``: independent requests that share the context as a prefix. With no policy or a
+  quantizer alone, kvmem's prefix cache lets every request after the first adopt the context's
+  blocks (its prefill and TTFT show it); eviction policies cannot share and compute like ``single``.
 
 For each question: greedy answer (scored by the task), and the gold answer's log-probability,
 teacher-forced on a fork of the cache taken right after the prompt, so it does not disturb the answer.
@@ -71,6 +72,8 @@ def run_questions(llm: LLM, context: Context, request: Request) -> list[Record]:
             if seq is None:
                 single = llm.new_sequence()
                 single.token_ids = llm.encode(context.text + question.question)
+                if request.mode == "multirequest":
+                    single.reuse_prefix()  # the context's blocks, if an earlier request left them
                 try:
                     records.append(_answer(llm, single, context, i, request))
                 finally:
@@ -87,6 +90,7 @@ def run_questions(llm: LLM, context: Context, request: Request) -> list[Record]:
 def _answer(llm: LLM, seq: Sequence, context: Context, index: int, request: Request) -> Record:
     question = context.questions[index]
     prompt_tokens = len(seq.token_ids)
+    reused = 0 if seq.prefix_state is None or request.mode != "multirequest" else seq.num_cached
     with PeakRSS() as prefill_rss:
         start = time.perf_counter()
         logits = seq.prefill(llm.config.prefill_chunk)
@@ -130,6 +134,7 @@ def _answer(llm: LLM, seq: Sequence, context: Context, index: int, request: Requ
         decode_tokens_per_s=(len(tokens) - 1) / decode_s if len(tokens) > 1 else math.nan,
         peak_rss=max(prefill_rss.growth, decode_rss.growth),
         output=output,
+        tokens_reused=reused,
     )
 
 

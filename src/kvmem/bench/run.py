@@ -30,6 +30,7 @@ from kvmem.compress.registry import make_policy
 from kvmem.engine.llm import LLM
 from kvmem.errors import KVMemError
 from kvmem.model.loader import LoadedModel, load_model
+from kvmem.prefix.cache import can_share
 
 
 @dataclass
@@ -153,12 +154,16 @@ def _seed(context: Context) -> int:
 
 def _llm(config: BenchConfig, loaded: LoadedModel, method: str, budget_bytes: int | None) -> LLM:
     policy = None if method in (FULL, HF) else method
+    shares = config.mode == "multirequest" and can_share(
+        None if policy is None else make_policy(policy, KVBudget.parse(budget_bytes))
+    )
     return LLM(
         loaded,
         kv_budget=budget_bytes,
         block_size=config.block_size,
         prefill_chunk=config.prefill_chunk,
         policy=policy,
+        prefix_cache=shares,  # multi-request: later requests adopt the shared context's blocks
     )
 
 
