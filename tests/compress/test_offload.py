@@ -118,3 +118,18 @@ def test_an_offloading_chat_cannot_be_saved_yet(llama: LoadedModel, tmp_path: Pa
         with pytest.raises(SessionMismatchError, match="offload"):
             session.save(tmp_path / "s.kvsession")
     assert not (tmp_path / "s.kvsession").exists()
+
+
+def test_what_other_sequences_hold_is_left_to_them(llama: LoadedModel) -> None:
+    budget = 64 * 1024
+    llm = LLM(llama, block_size=4, kv_budget=budget, policy="offload")
+    first = llm.new_sequence()
+    first.token_ids = list(range(3, 150))
+    first.reserve(0)
+    first.prefill(512)
+    held = llm.pool.bytes_used
+    with pytest.raises(KVBudgetError, match="offloading"):  # refused up front, not midway
+        llm.generate(list(range(3, 150)), max_new_tokens=4)
+    assert llm.pool.bytes_used == held
+    first.release()
+    assert llm.generate(list(range(3, 150)), max_new_tokens=4).stats.new_tokens == 4

@@ -26,20 +26,28 @@ def test_insert_holds_a_reference_and_match_stops_at_the_first_miss() -> None:
     index.check_integrity()
 
 
-def test_reclaim_frees_least_recently_used_unused_entries_only() -> None:
+def test_reclaim_frees_least_recently_used_unused_blocks_only() -> None:
     manager = BlockManager(None)
     index, blocks = _index_with_chain(manager, 3)
     index.match([b"\x00"])  # block 0 used most recently
-    manager.incref(blocks[1][0])  # a live sequence holds block 1 of layer 0
-    assert index.reclaimable() == 400
-    assert index.reclaim(150) == 200  # whole entries: block 2 (least recent, not in use)
+    manager.incref(blocks[1][0])  # a live sequence holds block 1 of layer 0 (not of layer 1)
+    assert index.reclaimable() == 500
+    # LRU order: entry 1 (only its unused layer 1 goes), then entry 2; entry 0 was just used
+    assert index.reclaim(150) == 300
     assert b"\x02" not in index and b"\x01" in index and b"\x00" in index
-    assert index.reclaim(10_000) == 200  # then block 0; block 1 is in use
-    assert b"\x01" in index and len(index) == 1
-    assert manager.bytes_used == 200
+    entry = index.get(b"\x01")
+    assert entry is not None and entry.blocks == (blocks[1][0], None)
+    assert index.reclaim(10_000) == 200  # then block 0
+    assert len(index) == 1 and manager.bytes_used == 100
+    refill = manager.allocate(100)
+    assert not index.insert(b"\x01", 1, [blocks[1][0], refill])  # fills the layer it had lost
+    manager.decref(refill)  # the sequence that computed it finishes
+    assert index.get(b"\x01").blocks == (blocks[1][0], refill)  # type: ignore[union-attr]
+    assert index.reclaimable() == 100
     manager.decref(blocks[1][0])
+    assert index.reclaimable() == 200
     index.clear()
-    assert manager.bytes_used == 0 and manager.num_blocks == 0
+    assert manager.num_blocks == 0
     manager.check_integrity()
 
 

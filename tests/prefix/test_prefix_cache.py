@@ -1,5 +1,7 @@
 """Prefix sharing through ``LLM``: reused blocks give the same tokens, are held once, are evicted LRU."""
 
+from pathlib import Path
+
 import pytest
 
 from kvmem.engine.llm import LLM
@@ -131,3 +133,63 @@ def test_a_refused_request_releases_what_it_adopted(llama: LoadedModel) -> None:
 def test_eviction_policies_do_not_share_prefixes(llama: LoadedModel) -> None:
     with pytest.raises(PrefixSharingError, match="quantizer alone"):
         LLM(llama, kv_budget="25%", policy="snapkv", prefix_cache=True)
+
+
+def test_sliding_layers_old_blocks_give_way_so_a_tight_budget_holds(gemma: LoadedModel) -> None:
+    ids = list(range(3, 203))
+    plain = LLM(gemma, block_size=4)
+    seq = plain.new_sequence()
+    seq.token_ids = list(ids)
+    seq.prefill(512)
+    budget = plain.pool.bytes_used + 8 * 1024  # what the sequence itself needs, and a little
+    seq.release()
+    llm = LLM(gemma, block_size=4, kv_budget=budget, prefix_cache=True)
+    seq = llm.new_sequence()
+    seq.token_ids = list(ids)
+    seq.reserve(0)
+    seq.prefill(512)  # the index keeps sliding blocks out of the window only while there is room
+    assert llm.pool.bytes_used <= budget
+    llm.pool.check_integrity()
+    seq.release()
+
+
+def test_a_chain_is_cut_from_its_end(llama: LoadedModel) -> None:
+    llm = LLM(llama, block_size=4, prefix_cache=True)
+    first = llm.generate(DOC, max_new_tokens=2)
+    assert llm.prefix is not None
+    one_entry = 2 * llm.new_sequence().cache.paged_layers[0].block_bytes
+    assert llm.prefix.reclaim(one_entry) == one_entry
+    again = llm.generate(DOC, max_new_tokens=2)  # all but the last cached block still reused
+    assert again.stats.tokens_reused == (first.stats.prompt_tokens - 1) // 4 * 4 - 4
+
+
+def test_a_resumed_session_keeps_its_tenant_salt(llama: LoadedModel, tmp_path: Path) -> None:
+    llm = LLM(llama, block_size=4, prefix_cache=True)
+    path = tmp_path / "a.kvsession"
+    with llm.chat(DOC, cache_salt="tenant-a") as session:
+        session.send(QUESTIONS[0], max_new_tokens=4)
+        session.save(path)
+        tokens = list(session.sequence.token_ids)
+    assert llm.prefix is not None
+    llm.prefix.clear()
+    resumed = llm.load_chat(path)
+    assert resumed.cache_salt == "tenant-a"
+    resumed.send(QUESTIONS[1], max_new_tokens=4)
+    resumed.close()
+    assert llm.generate(tokens[:-1], max_new_tokens=2).stats.tokens_reused == 0  # another tenant
+
+
+def test_offloading_does_not_share_prefixes(llama: LoadedModel) -> None:
+    with pytest.raises(PrefixSharingError):
+        LLM(llama, kv_budget="1MiB", policy="offload", prefix_cache=True)
+
+
+def test_an_allocation_that_cannot_fit_keeps_the_cache(llama: LoadedModel) -> None:
+    llm = LLM(llama, kv_budget=60_000, block_size=4, prefix_cache=True)
+    llm.generate(DOC, max_new_tokens=2)
+    assert llm.prefix is not None
+    entries, free = len(llm.prefix.index), llm.pool.bytes_free
+    assert free is not None
+    with pytest.raises(KVBudgetError):
+        llm.pool.allocate_raw(free + llm.prefix.reclaimable() + 1, llm.pool.tensor(0).device)
+    assert len(llm.prefix.index) == entries  # evicting would not have helped: nothing evicted

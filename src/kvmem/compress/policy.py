@@ -121,12 +121,13 @@ class Policy:
             cache.layer_weights = weights
         return weights
 
-    def offload_room(self, cache: KVMemCache) -> int:
-        """Bytes each offloading layer may hold: the budget, less the sliding layers', shared evenly."""
+    def offload_room(self, cache: KVMemCache, others: int = 0) -> int:
+        """Bytes each offloading layer may hold: the budget, less the sliding layers' and ``others``
+        (what other sequences hold in the pool), shared evenly."""
         assert self.budget.bytes is not None
         sliding = [layer for layer in cache.paged_layers if layer.window is not None]
         fixed = sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding)
-        return (self.budget.bytes - fixed) // max(1, len(cache.paged_layers) - len(sliding))
+        return max(0, self.budget.bytes - fixed - others) // max(1, len(cache.paged_layers) - len(sliding))
 
     def max_chunk(self, cache: KVMemCache) -> int | None:
         """The largest forward the policy can make room for (half the smallest capacity)."""

@@ -30,6 +30,7 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
+        self.cache_salt = cache_salt  # the tenant's prefix-cache salt; a saved session keeps it
         self.sequence = llm.new_sequence(cache_salt)
         self.turns = 0
 

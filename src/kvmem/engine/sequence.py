@@ -98,6 +98,12 @@ class Sequence:
             return
         if self.policy is not None and self.policy.offload is not None:
             total = len(self.token_ids) + extra_tokens
+            others = self.pool.bytes_used - self.cache.nbytes  # other sequences in the same pool
+            room = self.policy.offload_room(self.cache, others)
+            for layer in self.cache.paged_layers:
+                if isinstance(layer, OffloadLayer):
+                    layer.room = room
+                    layer.prepare(0)  # fetched blocks over the new room go now
             for layer in self.cache.paged_layers:
                 if isinstance(layer, OffloadLayer) and layer.room is not None:
                     need = layer.min_bytes(total)

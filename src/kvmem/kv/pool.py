@@ -82,7 +82,8 @@ class KVPool:
         if self._reclaimer is not None and not self.manager.can_allocate(nbytes):
             free = self.bytes_free
             assert free is not None
-            self._reclaimer.reclaim(nbytes - free)
+            if free + self._reclaimer.reclaimable() >= nbytes:  # else keep the cache: it would not help
+                self._reclaimer.reclaim(nbytes - free)
 
     @property
     def block_size(self) -> int:

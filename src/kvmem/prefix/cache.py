@@ -40,7 +40,11 @@ class PrefixSharingError(KVMemError, ValueError):
 
 def can_share(policy: Policy | None) -> bool:
     return policy is None or (
-        policy.scorer is None and policy.heads is None and policy.mixed is None and policy.merge is None
+        policy.scorer is None
+        and policy.heads is None
+        and policy.mixed is None
+        and policy.merge is None
+        and policy.offload is None
     )
 
 
@@ -108,21 +112,24 @@ class PrefixCache:
         pinned = [b for e in entries for b in e.block_ids()]
         for block_id in pinned:
             self.pool.incref(block_id)
-        from_disk = self._read_back(cache, keys[len(entries) :], len(entries))
-        pinned += [b for e in from_disk for b in e.block_ids()]  # still hold their load reference
-        entries += from_disk
-        n = self._reusable(cache, entries)
-        for i, layer in enumerate(cache.paged_layers):
-            if n == 0:
-                break
-            first = 0 if layer.keep is None else max(0, n * bs - layer.keep) // bs
-            ids = [e.blocks[i] for e in entries[first:n]]
-            layer.adopt([b for b in ids if b is not None], first * bs, n * bs)
-        for block_id in pinned:
-            self.pool.decref(block_id)
+        try:
+            from_disk = self._read_back(cache, keys[len(entries) :], len(entries))
+            pinned += [b for e in from_disk for b in e.block_ids()]  # still hold their load reference
+            entries += from_disk
+            n = self._reusable(cache, entries)
+            for i, layer in enumerate(cache.paged_layers):
+                if n == 0:
+                    break
+                first = 0 if layer.keep is None else max(0, n * bs - layer.keep) // bs
+                ids = [e.blocks[i] for e in entries[first:n]]
+                layer.adopt([b for b in ids if b is not None], first * bs, n * bs)
+        finally:
+            for block_id in pinned:
+                self.pool.decref(block_id)
         if n == 0:
             return 0
         state.hashes = [e.key for e in entries[:n]]
+        self.index.touch(state.hashes)
         state.reused_tokens = n * bs
         state.disk_tokens = max(0, n - (len(entries) - len(from_disk))) * bs
         return n * bs
@@ -212,6 +219,8 @@ class PrefixCache:
             if self.index.insert(key, j, blocks) and self.disk is not None and key not in self.disk:
                 self._unsaved[key] = None
             state.hashes.append(key)
+        # the chain is as recent as its newest block: under pressure it is cut from its end
+        self.index.touch(state.hashes)
 
     def flush(self) -> int:
         """Write every published block not yet on disk; blocks written."""
@@ -229,8 +238,11 @@ class PrefixCache:
         if self.disk is None or entry.key not in self._unsaved:
             return
         tensors = {f"layer.{i}": self.pool.tensor(b) for i, b in enumerate(entry.blocks) if b is not None}
-        self.disk.put(entry.key, tensors, {"depth": str(entry.depth), "policy": self.policy_name or ""})
         del self._unsaved[entry.key]
+        try:
+            self.disk.put(entry.key, tensors, {"depth": str(entry.depth), "policy": self.policy_name or ""})
+        except OSError:  # a full or read-only disk costs a later recomputation, never this request
+            self.disk.stats.write_errors += 1
 
     def clear(self) -> None:
         """Drop every cached block from RAM (the disk tier keeps what was written)."""

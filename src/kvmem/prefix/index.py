@@ -7,9 +7,11 @@ request that computed it; it is released when the pool needs room and no sequenc
 
 Contract:
 - ``insert`` takes a reference on each block; ``evict`` / ``clear`` drop them.
-- ``reclaimable`` is exactly the bytes ``reclaim`` could free now: entries whose every block is
-  referenced by the index alone. ``reclaim`` frees least recently used entries first (deeper
-  blocks first among equals, so a chain is cut from its end) and never touches a block in use.
+- ``reclaimable`` is exactly the bytes ``reclaim`` could free now: blocks referenced by the index
+  alone. ``reclaim`` frees them from least recently used entries first (deeper blocks first among
+  equals, so a chain is cut from its end) and never touches a block in use. Blocks go one by one:
+  a sliding-window layer's old block is freed while the same entry's full-attention blocks are
+  still in use (the entry then names None for that layer); an entry left with no block is dropped.
 """
 
 from __future__ import annotations
@@ -60,8 +62,16 @@ class PrefixIndex:
         return self._entries.get(key)
 
     def insert(self, key: bytes, depth: int, blocks: Sequence[int | None]) -> bool:
-        """Name ``blocks`` by ``key``; False (nothing changes) if the key is already there."""
-        if key in self._entries:
+        """Name ``blocks`` by ``key``; False if the key was already there (then only the layers
+        it had lost are filled in from ``blocks``)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            filled = list(entry.blocks)
+            for i, (old, new) in enumerate(zip(entry.blocks, blocks)):
+                if old is None and new is not None:
+                    self._incref(new)
+                    filled[i] = new
+            entry.blocks = tuple(filled)
             return False
         for block_id in blocks:
             if block_id is not None:
@@ -82,8 +92,9 @@ class PrefixIndex:
             entry.last_used = now
         return found
 
-    def _free_only_by_index(self, entry: Entry) -> bool:
-        return all(self.manager.ref_count(b) == 1 for b in entry.block_ids())
+    def _unused(self, entry: Entry) -> list[int]:
+        """The entry's blocks only the index references."""
+        return [b for b in entry.block_ids() if self.manager.ref_count(b) == 1]
 
     def _nbytes(self, entry: Entry) -> int:
         return sum(self.manager.size_of(b) for b in entry.block_ids())
@@ -94,19 +105,33 @@ class PrefixIndex:
         return sum(self._nbytes(e) for e in self._entries.values())
 
     def reclaimable(self) -> int:
-        return sum(self._nbytes(e) for e in self._entries.values() if self._free_only_by_index(e))
+        return sum(self.manager.size_of(b) for e in self._entries.values() for b in self._unused(e))
+
+    def touch(self, keys: Iterable[bytes]) -> None:
+        """Mark these entries used now, together (a chain just published or adopted)."""
+        now = next(self._clock)
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.last_used = now
 
     def reclaim(self, nbytes: int) -> int:
-        """Evict unused entries, least recently used first, until ``nbytes`` are freed; bytes freed."""
+        """Free unused blocks, least recently used entries first, until ``nbytes`` are freed; bytes freed."""
         freed = 0
         for entry in sorted(self._entries.values(), key=lambda e: (e.last_used, -e.depth)):
             if freed >= nbytes:
                 break
-            if self._free_only_by_index(entry):
-                freed += self._nbytes(entry)
-                if self._on_evict is not None:
-                    self._on_evict(entry)
-                self.evict(entry.key)
+            unused = set(self._unused(entry))
+            if not unused:
+                continue
+            if self._on_evict is not None:
+                self._on_evict(entry)  # a lower tier may keep the whole entry first
+            freed += sum(self.manager.size_of(b) for b in unused)
+            entry.blocks = tuple(None if b in unused else b for b in entry.blocks)
+            for block_id in unused:
+                self._decref(block_id)
+            if not entry.block_ids():
+                del self._entries[entry.key]
         return freed
 
     def evict(self, key: bytes) -> None:

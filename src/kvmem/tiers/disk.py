@@ -39,6 +39,7 @@ class DiskStats:
     bytes_written: int = 0
     bytes_read: int = 0
     evicted: int = 0  # files deleted to stay under the size cap
+    write_errors: int = 0  # blocks not written (disk full, read-only): recomputed when needed
 
 
 class DiskFile(NamedTuple):
@@ -101,15 +102,16 @@ class DiskTier:
     def get(self, key: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """The tensors and metadata stored under ``key``, or None (missing or corrupt: removed)."""
         path = self.path(key)
-        if not path.is_file():
-            self.stats.misses += 1
-            return None
         try:
+            size = path.stat().st_size
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
             valid = meta.get("format") == FORMAT and meta.get("key") == key.hex()
             valid = valid and meta.get("sha256") == checksum(tensors)
+        except FileNotFoundError:  # never written, or deleted meanwhile (another process, the cap)
+            self.stats.misses += 1
+            return None
         except Exception:  # any unreadable file is a miss, never a crash
             valid, tensors, meta = False, {}, {}
         if not valid:
@@ -119,7 +121,7 @@ class DiskTier:
                 path.unlink()
             return None
         self.stats.hits += 1
-        self.stats.bytes_read += path.stat().st_size
+        self.stats.bytes_read += size
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: last to go under the cap
         return tensors, meta

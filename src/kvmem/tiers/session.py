@@ -68,6 +68,7 @@ def save_session(session: ChatSession, path: str | os.PathLike[str]) -> Path:
         "messages": session.messages,
         "token_ids": session.sequence.token_ids,
         "turns": session.turns,
+        "cache_salt": session.cache_salt,
         "cache": state.header,
     }
     text = json.dumps(header, separators=(",", ":"))
@@ -84,7 +85,8 @@ def load_chat(llm: LLM, path: str | os.PathLike[str]) -> ChatSession:
     source = Path(path)
     header, tensors = read_session(source)
     check_compatible(header, llm, source)
-    session = ChatSession(llm)
+    salt = header.get("cache_salt")
+    session = ChatSession(llm, cache_salt=None if salt is None else str(salt))
     try:
         with _corrupt_if_malformed(source):
             session.messages = [
