@@ -95,3 +95,15 @@ def test_multirequest_reuses_the_shared_context(llama: LoadedModel) -> None:
     single = run_bench(config.replace(mode="single"), model=llama, progress=False).records
     outputs = [r.output for r in single if r.method == "full"]
     assert outputs == [r.output for r in records if r.method == "full"]  # reuse changes no answer
+
+
+def test_replot_redraws_a_results_folder_from_its_json(result: BenchResult, tmp_path: Path) -> None:
+    from kvmem.cli import main
+
+    write(result, tmp_path)
+    table = (tmp_path / RESULTS_MD).read_text()
+    (tmp_path / RESULTS_MD).unlink()
+    (tmp_path / ACCURACY_PNG).unlink()
+    assert main(["bench", "--replot", str(tmp_path)]) == 0
+    assert (tmp_path / RESULTS_MD).read_text() == table and (tmp_path / ACCURACY_PNG).stat().st_size > 0
+    assert main(["bench", "--replot", str(tmp_path / "nothing")]) == 2

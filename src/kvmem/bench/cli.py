@@ -42,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, help="seed of the first context (default 0)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument(
+        "--replot",
+        type=Path,
+        metavar="DIR",
+        help="run nothing: redraw DIR's results.md and plots from its results.json",
+    )
 
 
 def config_from(args: argparse.Namespace) -> BenchConfig:
@@ -79,6 +85,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvmem.bench.report import summary_line, write
     from kvmem.bench.run import run_bench
 
+    if args.replot is not None:
+        import json
+
+        from kvmem.bench.report import RESULTS_JSON
+        from kvmem.bench.run import BenchResult
+
+        source = args.replot / RESULTS_JSON
+        if not source.is_file():
+            raise FileNotFoundError(f"--replot: no {RESULTS_JSON} in {args.replot}")
+        result = BenchResult.from_dict(json.loads(source.read_text()))
+        paths = write(result, args.replot)
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
     config = config_from(args)
     result = run_bench(config, progress=not args.no_progress)
     paths = write(result, args.out)

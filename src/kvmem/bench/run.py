@@ -13,6 +13,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 import transformers
@@ -49,6 +50,20 @@ class BenchResult:
             "records": [r.to_dict() for r in self.records],
             "speed": [s.to_dict() for s in self.speed],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchResult:
+        """Read back what ``to_dict`` wrote (``results.json``), e.g. to redraw its table and plots."""
+        config: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()
+        }
+        return cls(
+            config=BenchConfig(**config),
+            records=[Record(**r) for r in data["records"]],
+            speed=[SpeedPoint(**s) for s in data["speed"]],
+            full_bytes=dict(data["full_bytes"]),
+            environment=dict(data.get("environment", {})),
+        )
 
 
 def can_evict(method: str) -> bool:
