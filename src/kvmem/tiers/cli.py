@@ -41,6 +41,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     folder = args.dir if args.dir is not None else default_dir()
     if args.dir is not None and not folder.is_dir():
         raise FileNotFoundError(f"no such cache folder: {folder}")
+    if not folder.is_dir():  # the default folder, never used yet: nothing to show, nothing created
+        print(f"{folder}: no disk cache yet (kvmem generate --disk-cache creates it)")
+        return 0
     disk = DiskTier(folder)
     files = disk.files()
     if args.action == "ls":
