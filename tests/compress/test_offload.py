@@ -133,3 +133,19 @@ def test_what_other_sequences_hold_is_left_to_them(llama: LoadedModel) -> None:
     assert llm.pool.bytes_used == held
     first.release()
     assert llm.generate(list(range(3, 150)), max_new_tokens=4).stats.new_tokens == 4
+
+
+def test_a_forward_the_room_cannot_serve_is_refused_within_the_budget(gemma: LoadedModel) -> None:
+    # the sliding layers' fixed share takes nearly all of this budget: no room to offload into
+    budget = 20 * 1024
+    llm = LLM(gemma, block_size=4, kv_budget=budget, policy="offload")
+    with pytest.raises(KVBudgetError, match="offloading"):  # through generate: refused up front
+        llm.generate(list(range(3, 150)), max_new_tokens=4)
+    assert llm.pool.bytes_used == 0
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 150))
+    with pytest.raises(KVBudgetError, match="offload: layer"):
+        seq.prefill(512)  # straight to the forward, without reserve: the policy refuses, no overrun
+    assert llm.pool.bytes_used <= budget
+    seq.release()
+    assert llm.pool.bytes_used == 0

@@ -103,7 +103,6 @@ class Sequence:
             for layer in self.cache.paged_layers:
                 if isinstance(layer, OffloadLayer):
                     layer.room = room
-                    layer.prepare(0)  # fetched blocks over the new room go now
             for layer in self.cache.paged_layers:
                 if isinstance(layer, OffloadLayer) and layer.room is not None:
                     need = layer.min_bytes(total)

@@ -96,7 +96,17 @@ class OffloadLayer(PagedLayer):
             self.pool.decref(self._fetched.pop(index))
 
     def prepare(self, q: int) -> None:
-        """Before a forward of ``q`` tokens: drop fetched blocks the new tokens' blocks need room for."""
+        """Before a forward of ``q`` tokens: refuse if the room cannot serve the sequence that long
+        (``KVBudgetError``, nothing allocated); drop fetched blocks the new tokens need room for."""
+        tokens = self.table.length + q
+        if self.room is not None and self.min_bytes(tokens) > self.room:
+            raise KVBudgetError(
+                self.min_bytes(tokens),
+                self.room,
+                self.room,
+                what=f"offload: layer {self.layer_idx} serving {tokens} tokens (resident blocks, a "
+                "summary per block, a fetch)",
+            )
         after = self.table.plan_append(q, None).blocks_after
         self._shrink(self._capacity(after))
 
