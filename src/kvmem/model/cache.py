@@ -104,13 +104,17 @@ class PagedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.keep is None:
-            self._append(key_states[0], value_states[0])
-            keys, values = self.gather()
-            return keys, values
+            self._store(key_states[0], value_states[0])
+            return self.gather()
         # Sliding window: attention sees the last `keep` past tokens plus the new ones.
         past_k, past_v = self.gather(last=self.keep)
         self._append(key_states[0], value_states[0])
         return torch.cat([past_k, key_states], dim=-2), torch.cat([past_v, value_states], dim=-2)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Where a full-attention layer puts new tokens ([H, q, D]); layouts with inner layers
+        (per-head, high/low precision) override this, ``update`` stays one."""
+        self._append(k, v)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: [H, q, D]

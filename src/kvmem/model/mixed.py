@@ -9,8 +9,6 @@ past tokens does not matter (RoPE is applied before storage) and the newest toke
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from kvmem.compress.quantizer import Quantizer
@@ -66,16 +64,9 @@ class MixedLayer(PagedLayer):
         self.high.check()
         self.low.check()
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states, value_states: [1, H, q, D]
-        if key_states.shape[0] != 1:
-            raise ValueError("kvmem's cache holds one sequence per cache object (batch size 1)")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.high._append(key_states[0], value_states[0])
-        return self.gather()
+    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: [H, q, D]
+        self.high._append(k, v)
 
     def gather(self, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-precision tokens (dequantized), then high-precision ones: [1, H, T_low + T_high, D]."""

@@ -13,8 +13,6 @@ causal part of the mask is the same for all heads; ``valid()`` marks the padding
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from kvmem.compress.quantizer import Quantizer
@@ -70,17 +68,10 @@ class RaggedLayer(PagedLayer):
             head.check()
             assert head.seq_length == self.seq_length
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states, value_states: [1, H, q, D]
-        if key_states.shape[0] != 1:
-            raise ValueError("kvmem's cache holds one sequence per cache object (batch size 1)")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: [H, q, D]
         for h, head in enumerate(self.heads):
-            head._append(key_states[0, h : h + 1], value_states[0, h : h + 1])
-        return self.gather()
+            head._append(k[h : h + 1], v[h : h + 1])
 
     def gather(self, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every head, padded with zeros at the front: [1, H, T, D] each."""
