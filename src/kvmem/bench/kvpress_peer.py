@@ -189,26 +189,8 @@ def to_records(
 
 
 def error_record(item: Item, mode: str, why: str) -> Record:
-    return Record(
-        method=KVPRESS + item.press,
-        budget=item.share,
-        task=item.context.task,
-        mode=mode,
-        context=_seed(item.context),
-        question=item.question,
-        prompt_tokens=0,
-        score=None,
-        gold_logprob=math.nan,
-        ppl=None,
-        kl=None,
-        kv_bytes=0,
-        kv_ratio=0.0,
-        prefill_s=math.nan,
-        ttft_s=math.nan,
-        decode_tokens_per_s=math.nan,
-        peak_rss=0,
-        output="",
-        error=why,
+    return Record.refused(
+        KVPRESS + item.press, item.share, item.context.task, mode, _seed(item.context), item.question, why
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -40,6 +41,18 @@ class Record:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def refused(
+        cls, method: str, budget: float | None, task: str, mode: str, context: int, question: int, why: str
+    ) -> Record:
+        """A method that could not run here (``why``): no measurement, only the reason."""
+        nan = math.nan
+        return cls(
+            method, budget, task, mode, context, question, prompt_tokens=0, score=None, gold_logprob=nan,
+            ppl=None, kl=None, kv_bytes=0, kv_ratio=0.0, prefill_s=nan, ttft_s=nan,
+            decode_tokens_per_s=nan, peak_rss=0, output="", error=why,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

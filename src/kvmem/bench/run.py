@@ -8,7 +8,6 @@ A budget a method cannot meet (e.g. Gemma's sliding layers already hold more) gi
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -204,27 +203,7 @@ def _run_one(
 
 
 def _refused(context: Context, request: Request, why: str) -> Record:
-    return Record(
-        method=request.method,
-        budget=request.budget,
-        task=context.task,
-        mode=request.mode,
-        context=_seed(context),
-        question=0,
-        prompt_tokens=0,
-        score=None,
-        gold_logprob=math.nan,
-        ppl=None,
-        kl=None,
-        kv_bytes=0,
-        kv_ratio=0.0,
-        prefill_s=math.nan,
-        ttft_s=math.nan,
-        decode_tokens_per_s=math.nan,
-        peak_rss=0,
-        output="",
-        error=why,
-    )
+    return Record.refused(request.method, request.budget, context.task, request.mode, _seed(context), 0, why)
 
 
 @torch.inference_mode()
