@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
+
+from kvmem.tiers.atomic import write_atomic
 
 FORMAT = "kvmem-block-1"
 SUFFIX = ".kvblock"
@@ -80,19 +81,8 @@ class DiskTier:
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         header = {**(meta or {}), "format": FORMAT, "key": key.hex(), "sha256": checksum(tensors)}
         data = save(tensors, metadata=header)
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=SUFFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        # a lost block file is only a recomputation: no folder fsync on this per-block path
+        write_atomic(self.path(key), data, prefix=".tmp-", suffix=SUFFIX, sync_folder=False)
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
         if self.max_bytes is not None:

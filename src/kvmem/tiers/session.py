@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from kvmem.engine.chat import ChatSession
 from kvmem.errors import CorruptCacheError, SessionMismatchError, SessionNotFoundError
 from kvmem.model.loader import cache_dir
+from kvmem.tiers.atomic import write_atomic
 from kvmem.tiers.snapshot import restore, snapshot
 
 if TYPE_CHECKING:
@@ -179,21 +179,4 @@ def _corrupt_if_malformed(path: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable, where the OS allows
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    write_atomic(path, data, prefix=f".{path.name}.", suffix=".tmp")
