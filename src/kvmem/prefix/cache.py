@@ -212,8 +212,9 @@ class PrefixCache:
         if full <= done:
             return
         previous = state.hashes[-1] if state.hashes else None
+        views = _layer_views(cache)  # the tables do not change while blocks are published
         for j, key in enumerate(block_hashes(state.root, token_ids[: full * bs], bs, done, previous), done):
-            blocks = [_block_of(view, j, bs) for view in _layer_views(cache)]
+            blocks = [_block_of(view, j, bs) for view in views]
             if _NOT_FINAL in blocks:  # the quantizer's residual block: published once quantized
                 return
             if self.index.insert(key, j, blocks) and self.disk is not None and key not in self.disk:
