@@ -2,8 +2,8 @@
 
 Prompt, shortened (``answer`` is ``" 71432"``)::
 
-    There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. I will
-    quiz you about the pass key.
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I
+    will quiz you about the important information there.
 
     Names in the target list ... The pass key is 71432. Remember it. A class definition is ...
 
@@ -24,9 +24,12 @@ from kvmem.bench.task import Task
 from kvmem.bench.tokens import TokenCounter
 from kvmem.bench.words import distinct_numbers
 
+# The original wording (Mohtashami & Jaggi). An intro that says "a pass key" primes small models to
+# answer "The pass key is ... hidden inside a lot of irrelevant text": they copy the intro instead of
+# retrieving the needle (SmolLM2 at 1.5k and Gemma 3 at 3k failed every pass key that way).
 INTRO = (
-    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the pass key.\n\n"
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
 )
 QUESTION = "Question: What is the pass key?\nAnswer: The pass key is"
 
