@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--model", default="smollm2-135m", help="embedded name, folder or .gguf")
     bench.add_argument(
-        "--methods", help="comma-separated: full, hf, policy names (snapkv+kivi4, ...), kvpress:<press>"
+        "--methods",
+        help="comma-separated: full, hf (transformers' generate), hf-quanto4 / hf-quanto2 (its "
+        "QuantizedCache), policy names (snapkv+kivi4, ...), kvpress:<press>",
     )
     bench.add_argument(
         "--budgets", help="comma-separated shares of the full cache's bytes, e.g. 0.5,0.25,0.1"
@@ -56,7 +58,9 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         for method in methods:
-            if method not in ("full", "hf") and not is_kvpress(method):  # kvpress: BenchConfig checks
+            if (
+                method != "full" and not method.startswith("hf") and not is_kvpress(method)
+            ):  # BenchConfig checks
                 make_policy(method, KVBudget.parse("1GiB"))  # raises for an unknown policy
         changes["methods"] = methods
     if args.budgets:

@@ -146,6 +146,7 @@ def run_text(
     question = context.questions[0]
     seq = llm.new_sequence()
     seq.token_ids = llm.encode(context.text)
+    prompt_tokens = len(seq.token_ids)  # teacher forcing appends the continuation
     try:
         with PeakRSS() as rss:
             start = time.perf_counter()
@@ -159,26 +160,47 @@ def run_text(
             held = max(held, seq.cache.nbytes)
     finally:
         seq.release()
+    timing = TextTiming(prompt_tokens, prefill_s, decode_s, rss.growth)
+    return text_record(context, request, gold, logp, reference, held, timing), logp
+
+
+@dataclass(frozen=True)
+class TextTiming:
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    peak_rss: int
+
+
+def text_record(
+    context: Context,
+    request: Request,
+    gold: list[int],
+    logp: torch.Tensor,
+    reference: torch.Tensor | None,
+    held: int,
+    timing: TextTiming,
+) -> Record:
+    """The real-text record: perplexity of ``gold`` under ``logp`` [N, V], KL against ``reference``."""
     target = logp.gather(1, torch.tensor(gold)[:, None])
     kl = 0.0 if reference is None else float((reference.exp() * (reference - logp)).sum(-1).mean())
-    record = Record(
+    return Record(
         method=request.method,
         budget=request.budget,
         task=context.task,
         mode=request.mode,
         context=int(str(context.meta.get("seed", 0))),
         question=0,
-        prompt_tokens=len(seq.token_ids),
+        prompt_tokens=timing.prompt_tokens,
         score=None,
         gold_logprob=float(target.mean()),
         ppl=float(torch.exp(-target.mean())),
         kl=kl,
         kv_bytes=held,
         kv_ratio=held / request.full_bytes,
-        prefill_s=prefill_s,
-        ttft_s=prefill_s,
-        decode_tokens_per_s=(len(gold) - 1) / decode_s if decode_s > 0 else math.nan,
-        peak_rss=rss.growth,
+        prefill_s=timing.prefill_s,
+        ttft_s=timing.prefill_s,
+        decode_tokens_per_s=(len(gold) - 1) / timing.decode_s if timing.decode_s > 0 else math.nan,
+        peak_rss=timing.peak_rss,
         output="",
     )
-    return record, logp

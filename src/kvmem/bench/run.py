@@ -18,9 +18,9 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from kvmem.bench.config import FULL, HF, BenchConfig, is_kvpress
+from kvmem.bench.config import FULL, BenchConfig, is_hf, is_kvpress
 from kvmem.bench.example import Context
-from kvmem.bench.hf_peer import run_questions_hf
+from kvmem.bench.hf_peer import run_questions_hf, run_text_hf
 from kvmem.bench.kvmem_runner import Request, end_of_sequence, run_questions, run_text
 from kvmem.bench.kvpress_peer import run_kvpress
 from kvmem.bench.record import Record, SpeedPoint
@@ -67,7 +67,7 @@ class BenchResult:
 
 def can_evict(method: str) -> bool:
     """Whether a method takes a budget (it has an eviction scorer)."""
-    if method in (FULL, HF):
+    if method == FULL or is_hf(method):
         return False
     if is_kvpress(method):  # kvpress peer: every press takes a compression ratio
         return True
@@ -167,7 +167,7 @@ def _seed(context: Context) -> int:
 
 
 def _llm(config: BenchConfig, loaded: LoadedModel, method: str, budget_bytes: int | None) -> LLM:
-    policy = None if method in (FULL, HF) else method
+    policy = None if method == FULL or is_hf(method) else method
     shares = config.mode == "multirequest" and can_share(
         None if policy is None else make_policy(policy, KVBudget.parse(budget_bytes))
     )
@@ -191,13 +191,13 @@ def _run_one(
     budget = None if request.budget is None else int(request.budget * request.full_bytes)
     llm = _llm(config, loaded, request.method, budget)
     if context.kind == "text":
-        if request.method == HF:
-            return []  # transformers' generate has nothing to teacher-force; the full cache stands for it
+        if is_hf(request.method):
+            return run_text_hf(llm, context, request, references.get(_key(context)))
         record, logp = run_text(llm, context, request, references.get(_key(context)))
         if request.method == FULL:
             references[_key(context)] = logp
         return [record]
-    if request.method == HF:
+    if is_hf(request.method):
         return run_questions_hf(llm, context, request)
     return run_questions(llm, context, request)
 
@@ -214,7 +214,7 @@ def measure_speed(
     if not config.speed_lengths:
         return []
     smallest = min(config.budgets)
-    chosen = [(m, b) for m, b in runs if m != HF and (b is None or b == smallest)]
+    chosen = [(m, b) for m, b in runs if not is_hf(m) and (b is None or b == smallest)]
     base = LLM(loaded, block_size=config.block_size, prefill_chunk=config.prefill_chunk)
     text = make_task("realtext").make_context(base, max(config.speed_lengths), config.seed).text
     all_ids = base.encode(text)
