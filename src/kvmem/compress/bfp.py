@@ -155,17 +155,20 @@ class BlockFloat:
     def decode(
         self, buffer: torch.Tensor, layout: BFPLayout, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of ``encode``, from the buffer alone: keys, values [H, bs, D]."""
+        """Inverse of ``encode``, from the buffer alone: uint8 [..., nbytes] -> keys, values
+        [..., H, bs, D]. Any leading dimensions decode together (a layer's stacked blocks)."""
+        lead = tuple(buffer.shape[:-1])
         h, bs, d, group = layout.heads, layout.block_size, layout.head_dim, layout.group
         sizes = [layout.permutation_bytes] + [layout.exponents] * 2 + [layout.mantissas] * 2
-        order, k_exp, v_exp, k_codes, v_codes = torch.split(buffer, sizes)
-        blocks = (h, bs, d // group)
+        order, k_exp, v_exp, k_codes, v_codes = torch.split(buffer, sizes, dim=-1)
+        blocks = (*lead, h, bs, d // group)
 
         def part(exp: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-            return dequantize(exp.view(torch.int8).view(blocks), codes.view(*blocks, -1), self.bits, group)
+            exponents = exp.contiguous().view(torch.int8).reshape(blocks)
+            return dequantize(exponents, codes.reshape(*blocks, -1), self.bits, group)
 
-        keys, values = part(k_exp, k_codes), part(v_exp, v_codes)  # [H, bs, D]
+        keys, values = part(k_exp, k_codes), part(v_exp, v_codes)  # [..., H, bs, D]
         if layout.reorder:  # slot j of head h goes back to channel order[h, j]
-            index = order.view(h, 1, d).long().expand(h, bs, d)
-            keys = torch.empty_like(keys).scatter_(2, index, keys)
+            index = order.reshape(*lead, h, 1, d).long().expand(*lead, h, bs, d)
+            keys = torch.empty_like(keys).scatter_(-1, index, keys)
         return keys.to(dtype), values.to(dtype)

@@ -107,35 +107,38 @@ class KIVI:
     def decode(
         self, buffer: torch.Tensor, layout: BlockLayout, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of ``encode``: keys, values [H, bs, D]."""
+        """Inverse of ``encode``: buffers uint8 [..., nbytes] -> keys, values [..., H, bs, D].
+
+        Any leading dimensions decode together (a layer's stacked blocks in one call)."""
+        lead = tuple(buffer.shape[:-1])
         h, bs, d = layout.heads, layout.block_size, layout.head_dim
         sizes = (
             [2 * layout.key_stats] * 2 + [2 * layout.value_stats] * 2 + [layout.key_codes, layout.value_codes]
         )
-        chunks = list(torch.split(buffer, sizes))
-        k_scale, k_zero, v_scale, v_zero = (c.view(torch.float16) for c in chunks[:4])
+        chunks = list(torch.split(buffer, sizes, dim=-1))
+        k_scale, k_zero, v_scale, v_zero = (c.contiguous().view(torch.float16) for c in chunks[:4])
 
         def unpacked(
             codes: torch.Tensor,
             scale: torch.Tensor,
             zero: torch.Tensor,
-            shape: tuple[int, int, int],
+            shape: tuple[int, ...],
             group: int,
         ) -> torch.Tensor:
-            # codes and stats of a [H, rows, cols] tensor quantized in groups along cols
-            grouped = (*shape[:2], shape[2] // group)
+            # codes and stats of a [..., H, rows, cols] tensor quantized in groups along cols
+            grouped = (*shape[:-1], shape[-1] // group)
             quantized = QuantizedTensor(
-                codes.view(*grouped, -1),
-                scale.view(*grouped, 1),
-                zero.view(*grouped, 1),
+                codes.reshape(*grouped, -1),
+                scale.reshape(*grouped, 1),
+                zero.reshape(*grouped, 1),
                 self.bits,
                 group,
-                2,
+                len(shape) - 1,
                 shape,
                 dtype,
             )
             return dequantize(quantized)
 
-        keys = unpacked(chunks[4], k_scale, k_zero, (h, d, bs), layout.key_group)  # [H, D, bs]
-        values = unpacked(chunks[5], v_scale, v_zero, (h, bs, d), layout.value_group)  # [H, bs, D]
-        return keys.transpose(1, 2).to(dtype), values.to(dtype)
+        keys = unpacked(chunks[4], k_scale, k_zero, (*lead, h, d, bs), layout.key_group)  # [..., H, D, bs]
+        values = unpacked(chunks[5], v_scale, v_zero, (*lead, h, bs, d), layout.value_group)  # [.., H, bs, D]
+        return keys.transpose(-1, -2).to(dtype), values.to(dtype)

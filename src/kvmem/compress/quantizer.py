@@ -29,7 +29,9 @@ class Quantizer(Protocol[L]):
 
     ``encode`` writes ``out`` (uint8 [layout.nbytes]) and may record per-layer state on the
     layout (BFP's channel permutation); it never keeps a reference to ``keys`` or ``values``.
-    ``decode`` reads only the buffer and the layout's geometry, so a block decodes on its own.
+    ``decode`` reads only the buffer and the layout's geometry, so a block decodes on its own; it
+    takes any leading dimensions (uint8 [..., nbytes] -> keys, values [..., H, bs, D]), so a layer
+    decodes all of its quantized blocks in one call rather than one call per block.
     """
 
     @property

@@ -166,16 +166,17 @@ class PagedLayer(CacheLayerMixin):
 
     def _parts(self, first: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-block keys and values ([H, bs, D]) from block ``first`` on, dequantized where needed."""
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
-        for k, v, packed in zip(self._keys[first:], self._values[first:], self._packed[first:]):
-            if packed is not None:
-                assert self.quant is not None and self.layout is not None
-                k, v = self.quant.decode(packed, self.layout, self.dtype)
-            assert k is not None and v is not None
-            keys.append(k)
-            values.append(v)
-        return keys, values
+        keys = self._keys[first:]
+        values = self._values[first:]
+        packed = [(i, b) for i, b in enumerate(self._packed[first:]) if b is not None]
+        if packed:  # every quantized block of the layer in one decode: [N, nbytes] -> [N, H, bs, D]
+            assert self.quant is not None and self.layout is not None
+            stacked = torch.stack([b for _, b in packed])
+            dk, dv = (t.contiguous() for t in self.quant.decode(stacked, self.layout, self.dtype))
+            for (i, _), k, v in zip(packed, dk.unbind(0), dv.unbind(0)):
+                keys[i], values[i] = k, v
+        assert all(k is not None for k in keys) and all(v is not None for v in values)
+        return keys, values  # type: ignore[return-value]
 
     def gather(self, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the held tokens (only the ``last`` ones if given): [1, H, T, D] each."""
