@@ -15,7 +15,7 @@ MODES: tuple[Mode, ...] = ("single", "multiturn", "multirequest")
 
 FULL = "full"  # kvmem with no policy: every token at full precision
 HF = "hf"  # transformers' own generate() with its DynamicCache, the reference a user knows
-# transformers' QuantizedCache with the optimum-quanto backend (2 or 4 bits; `make bench-peers`)
+# transformers' QuantizedCache with the optimum-quanto backend (2 or 4 bits; the 'peers' extra)
 HF_QUANTO = {"hf-quanto4": 4, "hf-quanto2": 2}
 PEERS = (HF, *HF_QUANTO)
 

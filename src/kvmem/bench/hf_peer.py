@@ -11,8 +11,8 @@ would in decoding. Real text is teacher-forced the same way, for perplexity and 
 The quantized cache is transformers' own: groups of 64 (its default) along ``axis 0``, the last
 128 tokens kept in full precision (its ``residual_length``). Its bytes are those of the packed codes,
 scales and zero points (quanto's tensors, unpacked to their storage) plus the residual.
-optimum-quanto is not a kvmem dependency: ``make bench-peers`` installs it; without it these methods
-are refused with a ``PeerUnavailableError``.
+optimum-quanto is not a kvmem dependency but its ``peers`` extra (``make install`` installs it);
+without it these methods are refused with a ``PeerUnavailableError``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from kvmem.errors import KVMemError
 
 
 class PeerUnavailableError(KVMemError):
-    """A peer's backend is not installed here (``make bench-peers`` installs them)."""
+    """A peer's backend is not installed here (``pip install 'kvmem[peers]'``)."""
 
 
 def peer_cache(llm: LLM, method: str) -> Cache | None:
@@ -48,7 +48,8 @@ def peer_cache(llm: LLM, method: str) -> Cache | None:
         import optimum.quanto  # noqa: F401
     except ImportError as e:
         raise PeerUnavailableError(
-            f"{method} needs optimum-quanto (transformers' quantized KV backend): run `make bench-peers`"
+            f"{method} needs optimum-quanto (transformers' quantized KV backend): "
+            "pip install 'kvmem[peers]' (`make install` does)"
         ) from e
     # quanto groups each token's heads x channels; transformers' default group of 64 must divide them
     # (it does for SmolLM2, 3 x 64, and Gemma 3, 1 x 256; a tiny test model needs a smaller group)
