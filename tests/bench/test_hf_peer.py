@@ -53,6 +53,18 @@ def test_without_optimum_quanto_the_peer_is_refused_with_the_fix(
     assert len(refused) == 1 and refused[0].error is not None and "optimum-quanto" in refused[0].error
 
 
+def test_a_model_the_quantized_cache_does_not_support_is_refused_not_fatal(gemma: LoadedModel) -> None:
+    pytest.importorskip("optimum.quanto")
+    with pytest.raises(PeerUnavailableError, match="refuses this model"):
+        peer_cache(LLM(gemma), "hf-quanto4")  # sliding-window layers: transformers says no
+    config = BenchConfig(model="tiny", methods=("full", "hf-quanto4"), tasks=("passkey", "realtext"),
+                         length=320, block_size=16, prefill_chunk=64, speed_lengths=())  # fmt: skip
+    records = run_bench(config, model=gemma, progress=False).records  # the run goes on
+    refused = [r for r in records if r.method == "hf-quanto4"]
+    assert len(refused) == 2 and all(r.error and "sliding" in r.error for r in refused)
+    assert all(r.error is None for r in records if r.method == "full")
+
+
 def test_unknown_transformers_peer_is_rejected() -> None:
     with pytest.raises(ValueError, match="hf-quanto4"):
         BenchConfig(methods=("full", "hf-quanto3"))

@@ -36,7 +36,8 @@ from kvmem.errors import KVMemError
 
 
 class PeerUnavailableError(KVMemError):
-    """A peer's backend is not installed here (``pip install 'kvmem[peers]'``)."""
+    """A peer cannot run here: its backend is not installed (``pip install 'kvmem[peers]'``), or it
+    does not support the model (transformers' QuantizedCache and sliding-window layers)."""
 
 
 def peer_cache(llm: LLM, method: str) -> Cache | None:
@@ -55,7 +56,10 @@ def peer_cache(llm: LLM, method: str) -> Cache | None:
     # (it does for SmolLM2, 3 x 64, and Gemma 3, 1 x 256; a tiny test model needs a smaller group)
     spec = llm.loaded.spec
     group = math.gcd(64, spec.num_kv_heads * spec.head_dim)
-    return QuantizedCache("quanto", llm.loaded.model.config, nbits=bits, q_group_size=group)
+    try:
+        return QuantizedCache("quanto", llm.loaded.model.config, nbits=bits, q_group_size=group)
+    except ValueError as e:  # e.g. Gemma 3: "only supported for models with only full attention layers"
+        raise PeerUnavailableError(f"{method}: transformers' QuantizedCache refuses this model: {e}") from e
 
 
 class _Clock(BaseStreamer):
