@@ -9,6 +9,7 @@ from kvmem.bench.config import BenchConfig
 from kvmem.bench.hf_peer import PeerUnavailableError, cache_bytes, peer_cache, tensor_bytes
 from kvmem.bench.run import run_bench
 from kvmem.engine.llm import LLM
+from kvmem.model.cache_arg import cache_kwargs
 from kvmem.model.loader import LoadedModel
 
 
@@ -33,8 +34,8 @@ def test_quantized_cache_holds_fewer_bytes_than_the_dynamic_cache(llama: LoadedM
     quantized, dynamic = peer_cache(llm, "hf-quanto4"), DynamicCache(config=llama.model.config)
     assert peer_cache(llm, "hf") is None  # plain generate() makes its own DynamicCache
     with torch.inference_mode():
-        llama.model(ids, past_key_values=quantized, use_cache=True)
-        llama.model(ids, past_key_values=dynamic, use_cache=True)
+        llama.model(ids, use_cache=True, **cache_kwargs(llama.model, quantized))
+        llama.model(ids, use_cache=True, **cache_kwargs(llama.model, dynamic))
     spec = llama.spec
     assert cache_bytes(dynamic) == 300 * spec.kv_bytes_per_token
     assert 0 < cache_bytes(quantized) < cache_bytes(dynamic) / 3  # 4 bits + stats, 128 recent tokens

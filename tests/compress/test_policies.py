@@ -9,6 +9,7 @@ from kvmem.compress.registry import SCORERS, UnknownPolicyError, make_policy
 from kvmem.engine.llm import LLM
 from kvmem.engine.sampling import SamplingParams, sample
 from kvmem.errors import InvalidBudgetError, KVBudgetError
+from kvmem.model.cache_arg import cache_kwargs
 from kvmem.model.loader import LoadedModel
 from kvmem.model.mixed import MixedLayer
 
@@ -89,7 +90,7 @@ def test_streamingllm_keeps_sinks_and_the_recent_window(llama: LoadedModel) -> N
     ids = torch.tensor([list(range(3, 103))])
     reference = DynamicCache(config=llama.model.config)
     with torch.inference_mode():
-        llama.model(ids, past_key_values=reference)
+        llama.model(ids, **cache_kwargs(llama.model, reference))
     llm = LLM(llama, block_size=4, kv_budget="40tok", policy="streamingllm", prefill_chunk=8)
     seq = llm.new_sequence()
     seq.token_ids = ids[0].tolist()

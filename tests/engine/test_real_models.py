@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from kvmem.engine.llm import LLM
+from kvmem.model.cache_arg import cache_kwargs
 from kvmem.model.loader import LoadedModel
 from texts import long_text
 
@@ -35,7 +36,7 @@ def reference(loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> list[
         torch.tensor([ids]),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        past_key_values=DynamicCache(config=loaded.model.config),
+        **cache_kwargs(loaded.model, DynamicCache(config=loaded.model.config)),
     )
     return out[0, len(ids) :].tolist()
 

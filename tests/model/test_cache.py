@@ -7,6 +7,7 @@ from transformers import DynamicCache
 from kvmem.errors import KVBudgetError
 from kvmem.kv.pool import KVPool, PoolConfig
 from kvmem.model.cache import KVMemCache
+from kvmem.model.cache_arg import cache_kwargs
 from kvmem.model.loader import LoadedModel
 
 PROMPT = torch.randint(0, 250, (1, 61), generator=torch.Generator().manual_seed(3))
@@ -16,7 +17,9 @@ def run_chunks(loaded: LoadedModel, cache: object, chunk: int) -> torch.Tensor:
     # returns logits [61, V] of every prompt position, computed chunk by chunk
     with torch.inference_mode():
         outs = [
-            loaded.model(input_ids=PROMPT[:, s : s + chunk], past_key_values=cache, use_cache=True).logits[0]
+            loaded.model(
+                input_ids=PROMPT[:, s : s + chunk], use_cache=True, **cache_kwargs(loaded.model, cache)
+            ).logits[0]
             for s in range(0, PROMPT.shape[1], chunk)
         ]
     return torch.cat(outs)
@@ -79,7 +82,7 @@ def test_bytes_needed_is_exact(tiny: LoadedModel) -> None:
 def test_batch_size_above_one_is_refused(llama: LoadedModel) -> None:
     cache = KVMemCache(KVPool(PoolConfig()), llama.spec)
     with pytest.raises(ValueError, match="batch size 1"):
-        llama.model(input_ids=torch.zeros((2, 3), dtype=torch.long), past_key_values=cache)
+        llama.model(input_ids=torch.zeros((2, 3), dtype=torch.long), **cache_kwargs(llama.model, cache))
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 13, 61])

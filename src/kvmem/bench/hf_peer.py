@@ -33,6 +33,7 @@ from kvmem.bench.record import Record
 from kvmem.bench.scoring import score
 from kvmem.engine.llm import LLM
 from kvmem.errors import KVMemError
+from kvmem.model.cache_arg import cache_kwargs, output_cache
 
 
 class PeerUnavailableError(KVMemError):
@@ -96,7 +97,9 @@ def cache_bytes(cache: Cache) -> int:
 
 def _forward(llm: LLM, ids: list[int], cache: Cache | None) -> torch.Tensor:
     """Logits [len(ids), V] of ``ids`` after what ``cache`` holds (no cache: a fresh forward)."""
-    out = llm.loaded.model(torch.tensor([ids]), past_key_values=cache, use_cache=cache is not None)
+    out = llm.loaded.model(
+        torch.tensor([ids]), **cache_kwargs(llm.loaded.model, cache), use_cache=cache is not None
+    )
     return out.logits[0].float()
 
 
@@ -131,7 +134,7 @@ def run_questions_hf(llm: LLM, context: Context, request: Request) -> list[Recor
             start = time.perf_counter()
             out = model.generate(  # type: ignore[operator]
                 torch.tensor([ids]),
-                past_key_values=peer_cache(llm, request.method),
+                **cache_kwargs(model, peer_cache(llm, request.method)),
                 max_new_tokens=n,
                 do_sample=False,
                 streamer=clock,
@@ -144,7 +147,7 @@ def run_questions_hf(llm: LLM, context: Context, request: Request) -> list[Recor
         gold = _ids(llm, question.answer)
         logp = _teacher_forced(llm, ids, gold, peer_cache(llm, request.method))  # [N, V]
         logp = logp.gather(1, torch.tensor(gold)[:, None])
-        kv = cache_bytes(out.past_key_values)
+        kv = cache_bytes(output_cache(out))
         output = str(llm.tokenizer.decode(tokens, skip_special_tokens=True))
         records.append(
             Record(

@@ -10,6 +10,7 @@ from kvmem.compress.policy import Policy
 from kvmem.errors import KVBudgetError
 from kvmem.kv.pool import KVPool
 from kvmem.model.cache import KVMemCache
+from kvmem.model.cache_arg import cache_kwargs
 from kvmem.model.offload import OffloadLayer
 from kvmem.model.spec import ModelSpec
 from kvmem.prefix.cache import PrefixCache, PrefixState
@@ -156,7 +157,7 @@ class Sequence:
         extra = {} if self.observer is None else {"kvmem_observer": self.observer}
         out = self.model(
             input_ids=input_ids,
-            past_key_values=self.cache,
+            **cache_kwargs(self.model, self.cache),
             use_cache=True,
             logits_to_keep=0 if keep_all else 1,
             **extra,

@@ -1,10 +1,10 @@
 """kvmem's transformers ``Cache``: every key and value lives in blocks of the ``KVPool``.
 
 This is the public extension point transformers offers (a ``Cache`` made of ``CacheLayerMixin``
-layers), so any decoder that takes ``past_key_values`` works unchanged. Each layer appends the
-new keys/values to its blocks and hands attention the keys/values it needs, gathered from the
-blocks into one transient tensor (transformers' own ``DynamicCache`` copies the same amount at
-every step with ``torch.cat``).
+layers), so any decoder that takes a transformers cache (``cache``, formerly ``past_key_values``)
+works unchanged. Each layer appends the new keys/values to its blocks and hands attention the
+keys/values it needs, gathered from the blocks into one transient tensor (transformers' own
+``DynamicCache`` copies the same amount at every step with ``torch.cat``).
 
 A sliding-window layer keeps only the last ``window - 1`` tokens (plus at most one partly filled
 block), exactly what transformers' ``DynamicSlidingWindowLayer`` keeps: blocks that fall out of
