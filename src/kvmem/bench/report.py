@@ -8,6 +8,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
+from typing import Any
 
 from kvmem.bench.run import BenchResult
 from kvmem.errors import format_bytes
@@ -94,6 +95,19 @@ def markdown(result: BenchResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _style(i: int, method: str) -> dict[str, Any]:
+    """The i-th line's look: 20 distinct colours (the default cycle repeats after 10 methods),
+    dashed for peers (``hf*``, ``kvpress:*``) so they stand apart from kvmem's own methods."""
+    import matplotlib
+
+    peer = method.startswith(("hf", "kvpress:"))
+    return {
+        "color": matplotlib.colormaps["tab20"](i % 20),
+        "marker": "os^Dv"[i % 5],
+        "linestyle": "--" if peer else "-",
+    }
+
+
 def plot(result: BenchResult, out: Path) -> list[Path]:
     """Accuracy (or gold log-probability when there is no retrieval task) vs KV bytes, one line per
     method; decode tokens/s vs context length."""
@@ -115,10 +129,10 @@ def plot(result: BenchResult, out: Path) -> list[Path]:
             value = row.get(metric)
             if isinstance(value, float) and not math.isnan(value):
                 by_method[str(row["method"])].append((float(row["kv_bytes"]) / 2**20, value))  # type: ignore[arg-type]
-        for method, points in by_method.items():
+        for i, (method, points) in enumerate(by_method.items()):
             points.sort()
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=method)
+            ax.plot(xs, ys, label=method, **_style(i, method))
         ax.set_xscale("log")
         ax.set_xlabel("KV bytes held (MiB, log scale)")
         ax.set_ylabel(metric.replace("_", " "))
@@ -136,10 +150,10 @@ def plot(result: BenchResult, out: Path) -> list[Path]:
     for point in result.speed:
         label = point.method if point.budget is None else f"{point.method} {point.budget:.0%}"
         speeds[label].append((point.context_tokens, point.decode_tokens_per_s))
-    for label, points in speeds.items():
+    for i, (label, points) in enumerate(speeds.items()):
         points.sort()
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label)
+        ax.plot(xs, ys, label=label, **_style(i, label))
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{result.config.model}: decode speed vs context length")
