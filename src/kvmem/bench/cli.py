@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("quick", "full"),
         default="quick",
         help="quick (default, a few minutes on 2 cores) or full (14 methods incl. peers: about 20 min for "
-        "SmolLM2 on 2 cores, longer for Gemma 3 at 3k tokens)",
+        "SmolLM2 on 2 cores, about 32 min for Gemma 3 at 3k tokens)",
     )
     bench.add_argument("--model", default="smollm2-135m", help="embedded name, folder or .gguf")
     bench.add_argument(
