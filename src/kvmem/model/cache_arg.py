@@ -8,19 +8,24 @@ old name still works for a while but warns, and is removed in a later 5.x. kvmem
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any
 
 from transformers import Cache
 
 
-def _takes_cache(model: Any) -> bool:
-    return "cache" in inspect.signature(model.forward).parameters
+@functools.cache
+def _cache_name(model_class: type) -> str:
+    # read once per class: inspect.signature costs ~60 us, and this runs at every decode step
+    forward = model_class.forward  # type: ignore[attr-defined]
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def cache_kwargs(model: Any, cache: Cache | None) -> dict[str, Cache | None]:
     """``{name: cache}`` for ``model(...)`` or ``model.generate(...)``, under the name it takes."""
-    return {"cache" if _takes_cache(model) else "past_key_values": cache}
+    model_class: type = type(model)
+    return {_cache_name(model_class): cache}
 
 
 def output_cache(output: Any) -> Cache:
