@@ -150,17 +150,19 @@ def test_bfp_cache_holds_real_bytes_and_one_permutation_per_layer(tiny: LoadedMo
     seq.token_ids = list(range(3, 43))
     logits = seq.prefill(16)
     full_layers = [layer for layer in seq.cache.paged_layers if layer.window is None]
-    orders = [layer.layout.permutation for layer in full_layers]
+    orders = [layer.stream().layout.permutation for layer in full_layers]
     assert all(order is not None for order in orders)
     for _ in range(100):
         assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
         assert budget is None or llm.pool.bytes_used <= budget
         llm.pool.check_integrity()
         logits = seq.step(sample(logits, SamplingParams(), None))
-    unquantized = sum(-(-layer.table.num_held // 4) * layer.block_bytes for layer in seq.cache.paged_layers)
+    unquantized = sum(
+        -(-layer.table.num_held // 4) * layer.stream().block_bytes for layer in seq.cache.paged_layers
+    )
     assert seq.cache.nbytes < unquantized * 3 / 4  # the last block of each layer stays exact
     if budget is not None:  # compaction re-encodes the kept tokens, still with the first permutation
         assert all(layer.table.num_held < layer.table.length for layer in full_layers)
-    assert all(layer.layout.permutation is order for layer, order in zip(full_layers, orders))
+    assert all(layer.stream().layout.permutation is order for layer, order in zip(full_layers, orders))
     seq.release()
     assert llm.pool.bytes_used == 0

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from kvmem.compress.budget import KVBudget
-from kvmem.compress.offload import Offload, quest_bounds
+from kvmem.compress.offload import quest_bounds
 from kvmem.compress.registry import UnknownPolicyError, make_policy
 from kvmem.engine.llm import LLM
 from kvmem.engine.result import GenerationResult
 from kvmem.engine.sampling import SamplingParams
 from kvmem.errors import InvalidBudgetError, KVBudgetError, SessionMismatchError
 from kvmem.kv.pool import KVPool, PoolConfig
+from kvmem.model.layers import OffloadLayer
 from kvmem.model.loader import LoadedModel
-from kvmem.model.offload import OffloadLayer, OffloadStore
+from kvmem.tiers.offload import OffloadStore
 
 
 def test_quest_bound_is_an_upper_bound_and_tight_for_one_token() -> None:
@@ -33,7 +34,7 @@ def test_quest_bound_is_an_upper_bound_and_tight_for_one_token() -> None:
 
 def test_the_block_a_query_points_at_is_fetched(tmp_path: Path) -> None:
     pool = KVPool(PoolConfig(None, 4))
-    layer = OffloadLayer(pool, 2, 8, torch.float32, 0, Offload(sinks=1, recent=1), OffloadStore(tmp_path))
+    layer = OffloadLayer(pool, 2, 8, torch.float32, 0, store=OffloadStore(tmp_path), sinks=1, recent=1)
     layer.room = 3 * layer.block_bytes + 8 * layer.summary_bytes  # 2 resident, 8 summaries, 1 fetch
     g = torch.Generator().manual_seed(1)
     needle = torch.zeros(8)
@@ -43,7 +44,7 @@ def test_the_block_a_query_points_at_is_fetched(tmp_path: Path) -> None:
         if b == 6:
             keys[..., 3] += 5.0  # block 6's keys point where the query will
         layer.update(keys, torch.full((1, 2, 4, 8), float(b)))
-        layer.offload_old()
+        layer.after_forward()
     assert layer.num_offloaded == 10 - 1 - 1  # all but the sink and the recent block
     fetched = layer.retrieve(needle.expand(1, 2, 1, 8).contiguous())
     assert fetched is not None
@@ -85,7 +86,7 @@ def test_byte_budget_holds_at_every_step_and_files_go_with_the_sequence(tiny: Lo
     layers = [layer for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
     assert all(layer.num_offloaded > 60 and layer.reads > 0 for layer in layers)
     assert seq.cache.nbytes < seq.num_cached * tiny.spec.kv_bytes_per_token / 2
-    store = seq.cache.offload_store
+    store = seq.cache.store
     assert store is not None and any(store.folder.rglob("*.kvblock"))
     fork = seq.fork()  # shares the offloaded files
     seq.release()
@@ -128,7 +129,8 @@ def test_what_other_sequences_hold_is_left_to_them(llama: LoadedModel) -> None:
     first.reserve(0)
     first.prefill(512)
     held = llm.pool.bytes_used
-    with pytest.raises(KVBudgetError, match="offloading"):  # refused up front, not midway
+    # its share (the whole budget) cannot be set aside: refused before computing anything
+    with pytest.raises(KVBudgetError, match="held outside the engine"):
         llm.generate(list(range(3, 150)), max_new_tokens=4)
     assert llm.pool.bytes_used == held
     first.release()

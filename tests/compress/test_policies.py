@@ -10,8 +10,8 @@ from kvmem.engine.llm import LLM
 from kvmem.engine.sampling import SamplingParams, sample
 from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache_arg import cache_kwargs
+from kvmem.model.layers import MixedLayer
 from kvmem.model.loader import LoadedModel
-from kvmem.model.mixed import MixedLayer
 
 POLICIES = sorted(SCORERS)
 PROMPT = list(range(3, 43))  # 40 tokens
@@ -96,11 +96,11 @@ def test_streamingllm_keeps_sinks_and_the_recent_window(llama: LoadedModel) -> N
     seq.token_ids = ids[0].tolist()
     seq.prefill(8)
     # layer 0's keys depend only on the token and its position, so they identify the tokens kept
-    held, _ = seq.cache.paged_layers[0].gather()
-    n = held.shape[2]
+    held, _ = seq.cache.kv_layers[0].past().dense()  # [H, T, D]
+    n = held.shape[1]
     assert 20 <= n <= 40
     kept = list(range(4)) + list(range(100 - (n - 4), 100))
-    torch.testing.assert_close(held[0], reference.layers[0].keys[0][:, kept], rtol=0, atol=1e-6)
+    torch.testing.assert_close(held, reference.layers[0].keys[0][:, kept], rtol=0, atol=1e-6)
     seq.release()
 
 
@@ -110,12 +110,12 @@ def test_compaction_keeps_different_tokens_per_head(llama: LoadedModel) -> None:
     seq.token_ids = list(range(3, 30))
     seq.prefill(64)
     layer = seq.cache.paged_layers[0]
-    before, _ = layer.gather()
+    before, _ = layer.past().dense()  # [H, T, D]
     keep = torch.tensor([[0, 5, 6, 20, 26], [1, 2, 3, 4, 25]])
-    layer.compact(keep)
-    after, _ = layer.gather()
+    layer.keep_slots(keep)
+    after, _ = layer.past().dense()
     for h in range(2):
-        torch.testing.assert_close(after[0, h], before[0, h, keep[h]])
+        torch.testing.assert_close(after[h], before[h, keep[h]])
     assert len(layer.table.block_ids) == 2 and layer.table.num_held == 5
     assert seq.cache.nbytes == llm.pool.physical_nbytes()
     seq.release()
@@ -223,11 +223,11 @@ def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel) -> None:
         layer.check()
         assert layer.held <= 8 and layer.num_low <= 8 * layer.ratio
         assert layer.held + layer.num_low > 8  # more tokens visible than an eviction would keep
-        keys, _ = layer.gather()
-        assert keys.shape[2] == layer.held + layer.num_low
+        keys, _ = layer.past().dense()  # low (dequantized), then high: [H, T, D]
+        assert keys.shape[1] == layer.held + layer.num_low
         # demoted tokens are stored packed: every full low block is a quantized byte buffer
         full_low = layer.num_low // 4
-        assert all(p is not None for p in layer.low._packed[: full_low - 1])
-        assert layer.attention is not None and layer.attention.shape[1] == keys.shape[2]
+        assert all(p is not None for p in layer.low.packed[: full_low - 1])
+        assert layer.attention is not None and layer.attention.shape[1] == keys.shape[1]
     assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
     seq.release()

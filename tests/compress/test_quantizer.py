@@ -5,7 +5,7 @@ import torch
 
 from kvmem.compress.bfp import BlockFloat
 from kvmem.compress.kivi import KIVI
-from kvmem.compress.quantizer import Quantizer
+from kvmem.model.format import Quantizer
 
 FORMATS = [KIVI(2), KIVI(4), KIVI(8), BlockFloat(4), BlockFloat(8), BlockFloat(4, reorder=False)]
 

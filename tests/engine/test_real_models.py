@@ -7,29 +7,9 @@ from transformers import DynamicCache
 from kvmem.engine.llm import LLM
 from kvmem.model.cache_arg import cache_kwargs
 from kvmem.model.loader import LoadedModel
-from texts import long_text
+from texts import SHORT_PROMPTS, long_prompt
 
 pytestmark = pytest.mark.real
-
-SHORT_PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village by the sea,",
-    "List three colors of the rainbow:",
-]
-
-
-def long_prompt(loaded: LoadedModel) -> list[int]:
-    ids = loaded.tokenizer(long_text(12_000), add_special_tokens=True)["input_ids"]
-    ids = (
-        ids[:2100]
-        + loaded.tokenizer("\n\nIn one sentence, the text above is about", add_special_tokens=False)[
-            "input_ids"
-        ]
-    )
-    assert len(ids) >= 2000
-    return ids
-
 
 def reference(loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
     out = loaded.model.generate(

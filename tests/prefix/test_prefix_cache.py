@@ -60,7 +60,7 @@ def test_two_live_sequences_hold_a_shared_prefix_once(llama: LoadedModel) -> Non
         assert layer.table.block_ids[: len(ids)] == ids  # the very same pool blocks
     # held once: the pool grew only by the second sequence's own blocks
     own = sum(len(layer.table.block_ids) - reused // 4 for layer in second.cache.paged_layers)
-    assert llm.pool.bytes_used == alone + own * second.cache.paged_layers[0].block_bytes
+    assert llm.pool.bytes_used == alone + own * second.cache.kv_layers[0].stream().block_bytes
     assert llm.pool.bytes_used == llm.pool.physical_nbytes()
     assert all(llm.pool.manager.ref_count(b) == 3 for ids in shared_blocks for b in ids)  # index + 2
     llm.pool.check_integrity()
@@ -157,7 +157,7 @@ def test_a_chain_is_cut_from_its_end(llama: LoadedModel) -> None:
     llm = LLM(llama, block_size=4, prefix_cache=True)
     first = llm.generate(DOC, max_new_tokens=2)
     assert llm.prefix is not None
-    one_entry = 2 * llm.new_sequence().cache.paged_layers[0].block_bytes
+    one_entry = 2 * llm.new_sequence().cache.kv_layers[0].stream().block_bytes
     assert llm.prefix.reclaim(one_entry) == one_entry
     again = llm.generate(DOC, max_new_tokens=2)  # all but the last cached block still reused
     assert again.stats.tokens_reused == (first.stats.prompt_tokens - 1) // 4 * 4 - 4

@@ -275,7 +275,7 @@ def test_other_format_version(saved: Path, llama: LoadedModel) -> None:
     metadata = {"kvmem.session": text, "kvmem.sha256": session_file._checksum(text, tensors)}
     saved.write_bytes(safetensors.torch.save(tensors, metadata))
     assert_refused(
-        make_llm(llama, None, None), saved, SessionMismatchError, "format 99; this kvmem reads format 1"
+        make_llm(llama, None, None), saved, SessionMismatchError, "format 99; this kvmem reads format 2"
     )
 
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from kvmem.compress.scorer import recent_attention
-from kvmem.model.cache import PagedLayer
+from kvmem.model.layers import KVLayer
 
 
 class Allocator(ABC):
@@ -22,7 +22,7 @@ class Allocator(ABC):
     query_window: ClassVar[int] = 0
 
     @abstractmethod
-    def weights(self, layers: Sequence[PagedLayer]) -> list[float] | None:
+    def weights(self, layers: Sequence[KVLayer]) -> list[float] | None:
         """Relative budgets, one per layer, averaging 1; None when not yet known (then uniform)."""
 
 
@@ -31,7 +31,7 @@ class Uniform(Allocator):
     name = "uniform"
     summary = "every layer the same budget (the default)"
 
-    def weights(self, layers: Sequence[PagedLayer]) -> list[float]:
+    def weights(self, layers: Sequence[KVLayer]) -> list[float]:
         return [1.0] * len(layers)
 
 
@@ -46,7 +46,7 @@ class Pyramid(Allocator):
     summary = "PyramidKV: budgets falling linearly from lower to upper layers"
     spread: float = 0.5
 
-    def weights(self, layers: Sequence[PagedLayer]) -> list[float]:
+    def weights(self, layers: Sequence[KVLayer]) -> list[float]:
         n = len(layers)
         if n == 1:
             return [1.0]
@@ -69,14 +69,14 @@ class CAKE(Allocator):
     tau_shift: float = 1.0
     min_share: float = 0.2
 
-    def weights(self, layers: Sequence[PagedLayer]) -> list[float] | None:
+    def weights(self, layers: Sequence[KVLayer]) -> list[float] | None:
         preferences = []
         for layer in layers:
             if layer.recent_queries is None:
                 return None
-            keys, _ = layer.gather()
+            keys, _, _, valid = layer.scoring()
             scaling = layer.head_dim**-0.5 if layer.scaling is None else layer.scaling
-            attention = recent_attention(layer.recent_queries, keys[0], scaling, layer.valid())  # [H, w, T]
+            attention = recent_attention(layer.recent_queries, keys, scaling, valid)  # [H, w, T]
             mean = attention.mean(dim=1)  # [H, T]
             dispersion = float(-(mean * torch.log(mean.clamp_min(1e-12))).sum(-1).mean())
             shift = (

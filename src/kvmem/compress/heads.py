@@ -35,9 +35,9 @@ class AdaKV:
         """
         heads, t = scores.shape
         if valid is None:
-            valid = torch.ones((heads, t), dtype=torch.bool)
+            valid = torch.ones((heads, t), dtype=torch.bool, device=scores.device)
         scores = scores.float().masked_fill(~valid, float("-inf"))
-        chosen = torch.zeros((heads, t), dtype=torch.bool)
+        chosen = torch.zeros((heads, t), dtype=torch.bool, device=scores.device)
         guaranteed = min(max(1, int(self.floor * keep)), t)
         chosen.scatter_(1, scores.topk(guaranteed, dim=-1).indices, True)
         chosen &= valid

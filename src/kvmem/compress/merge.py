@@ -23,7 +23,7 @@ class Merge:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values: [H, T, D]; keep: [H, k] -> merged kept keys and values [H, k, D]."""
         heads, t, d = keys.shape
-        evicted_mask = torch.ones(heads, t, dtype=torch.bool)
+        evicted_mask = torch.ones(heads, t, dtype=torch.bool, device=keys.device)
         evicted_mask.scatter_(1, keep, False)
         dv = values.shape[-1]
         kept_k = keys.gather(1, keep.unsqueeze(-1).expand(-1, -1, d)).float()
@@ -35,7 +35,7 @@ class Merge:
         similarity = unit_all @ unit_kept.transpose(1, 2)  # [H, T, k]
         best, target = similarity.max(dim=-1)  # [H, T]
         weight = torch.where(evicted_mask & (best >= self.threshold), best, torch.zeros_like(best))  # [H, T]
-        total = torch.ones(heads, keep.shape[1]).scatter_add(1, target, weight)  # [H, k]
+        total = torch.ones(heads, keep.shape[1], device=keys.device).scatter_add(1, target, weight)  # [H, k]
         sum_k = kept_k.scatter_add(
             1, target.unsqueeze(-1).expand(-1, -1, d), weight.unsqueeze(-1) * keys.float()
         )

@@ -1,7 +1,7 @@
 """``Offload``: contexts larger than the RAM budget — old blocks on disk, a summary of each in RAM,
 and at every forward only the blocks most relevant to the current queries fetched back.
 
-What it does, per full-attention layer (``kvmem.model.offload.OffloadLayer`` holds the state):
+What it does, per full-attention layer (``kvmem.model.layers.offload.OffloadLayer`` holds the state):
 
 - RAM always holds the first ``sinks`` blocks (attention sinks), the last ``recent`` full blocks
   and the partly filled one. After each forward every other block is written to an offload store
@@ -28,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
+from kvmem.model.layers.offload import quest_bounds
+
+__all__ = ["Offload", "quest_bounds"]
 
 
 @dataclass(frozen=True)
@@ -52,19 +54,3 @@ class Offload:
     def resident_blocks(self) -> int:
         """Most blocks a layer holds in RAM during a forward (sinks, recent, partial, a chunk)."""
         return self.sinks + 2 * self.recent + 1
-
-
-def quest_bounds(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-    """Upper bounds of every block's largest attention logit (before scaling): [N].
-
-    query: [Hq, q, D]; summaries: [N, 2, H, D] (per-channel key minimum and maximum per KV head).
-    For any key k inside a block's box, q . k <= sum_d max(q_d * min_d, q_d * max_d).
-    """
-    heads = summaries.shape[2]
-    hq, q, d = query.shape
-    qg = query.reshape(heads, (hq // heads) * q, d).float()  # [H, G*q, D]: a KV head's queries
-    low, high = summaries[:, 0], summaries[:, 1]  # [N, H, D]
-    bound = torch.einsum("hgd,nhd->nhg", qg.clamp(min=0), high) + torch.einsum(
-        "hgd,nhd->nhg", qg.clamp(max=0), low
-    )  # [N, H, G*q]
-    return bound.amax(dim=(1, 2))

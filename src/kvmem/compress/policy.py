@@ -23,13 +23,12 @@ from kvmem.compress.heads import AdaKV
 from kvmem.compress.merge import Merge
 from kvmem.compress.mixed import MixedPrecision
 from kvmem.compress.offload import Offload
-from kvmem.compress.quantizer import Quantizer
 from kvmem.compress.scorer import ScoreInputs, Scorer
 from kvmem.errors import InvalidBudgetError, KVBudgetError
-from kvmem.model.cache import KVMemCache, PagedLayer
-from kvmem.model.mixed import MixedLayer
-from kvmem.model.offload import OffloadLayer
-from kvmem.model.ragged import RaggedLayer
+from kvmem.model.cache import KVMemCache
+from kvmem.model.format import Quantizer
+from kvmem.model.layers import KVLayer, LayerSpec, default_spec
+from kvmem.model.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -83,24 +82,61 @@ class Policy:
         parts = (self.scorer, allocator, self.heads, self.mixed, self.merge, self.quant, self.offload)
         return "+".join(part.name for part in parts if part is not None)
 
+    def layer_specs(self, spec: ModelSpec) -> list[LayerSpec]:
+        """How each layer of a model stores its tokens under this policy."""
+        specs = []
+        for window in spec.windows:
+            if window is not None:  # sliding layers are never evicted from: their window bounds them
+                specs.append(default_spec(window, self.quant))
+            elif self.offload is not None:
+                specs.append(
+                    LayerSpec(
+                        "offload", options=(("sinks", self.offload.sinks), ("recent", self.offload.recent))
+                    )
+                )
+            elif self.heads is not None:
+                specs.append(LayerSpec("perhead", self.quant))
+            elif self.mixed is not None:
+                options = (("low", self.mixed.low), ("low_share", self.mixed.low_share))
+                specs.append(LayerSpec("mixed", self.quant, options))
+            else:
+                specs.append(default_spec(None, self.quant))
+        return specs
+
+    def byte_budget(self, cache: KVMemCache) -> int | None:
+        """The bytes this sequence may hold: its own share of the pool if it has one, else the budget's."""
+        return cache.byte_budget if cache.byte_budget is not None else self.budget.bytes
+
+    @property
+    def takes_share(self) -> bool:
+        """Whether the policy keeps a sequence within a byte budget by evicting or offloading, so
+        that each sequence may be given its own share of the pool."""
+        by_bytes = self.budget.fraction is None and self.budget.tokens is None
+        return by_bytes and (self.scorer is not None or self.offload is not None)
+
+    def caps(self, cache: KVMemCache) -> bool:
+        """Whether this sequence is kept within a byte budget (its share, or the policy's)."""
+        return self.takes_share and self.byte_budget(cache) is not None
+
     def capacities(self, cache: KVMemCache) -> dict[int, int] | None:
         """Tokens each full-attention layer may hold at most, by layer index (None: no fixed cap)."""
-        if self.scorer is None or (self.budget.tokens is None and self.budget.bytes is None):
+        budget = self.byte_budget(cache)
+        if self.scorer is None or (self.budget.tokens is None and budget is None):
             return None
         full = _compressible(cache)
         weights = self.layer_weights(cache)
         if self.budget.tokens is not None:
             return {layer.layer_idx: max(1, round(self.budget.tokens * w)) for layer, w in zip(full, weights)}
-        assert self.budget.bytes is not None
-        sliding = [layer for layer in cache.paged_layers if layer.window is not None]
+        assert budget is not None
+        sliding = [layer for layer in cache.kv_layers if layer.window is not None]
         fixed = sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding)
         # a layer's cost is affine in its blocks: n * per_block + base
         per_block = [layer.cost_of_blocks(2) - layer.cost_of_blocks(1) for layer in full]
         base = sum(layer.cost_of_blocks(1) - p for layer, p in zip(full, per_block))
-        room = self.budget.bytes - fixed - base
+        room = budget - fixed - base
         if room < sum(per_block):  # not even one block per layer
             minimum = fixed + base + sum(per_block)
-            raise KVBudgetError(minimum, self.budget.bytes, self.budget.bytes, what=f"policy {self.name}")
+            raise KVBudgetError(minimum, budget, budget, what=f"policy {self.name}")
         unit = room / sum(w * p for w, p in zip(weights, per_block))
         blocks = [max(1, int(w * unit)) for w in weights]
         # every layer keeps at least one block; take what that costs from the largest shares
@@ -122,12 +158,29 @@ class Policy:
         return weights
 
     def offload_room(self, cache: KVMemCache, others: int = 0) -> int:
-        """Bytes each offloading layer may hold: the budget, less the sliding layers' and ``others``
-        (what other sequences hold in the pool), shared evenly."""
-        assert self.budget.bytes is not None
-        sliding = [layer for layer in cache.paged_layers if layer.window is not None]
+        """Bytes each offloading layer may hold: the sequence's budget, less the sliding layers' and
+        ``others`` (what other sequences hold in the pool, when it has no share of its own), shared evenly."""
+        budget = self.byte_budget(cache)
+        assert budget is not None
+        sliding = [layer for layer in cache.kv_layers if layer.window is not None]
         fixed = sum(layer.max_bytes_to_grow(1 << 30) for layer in sliding)
-        return max(0, self.budget.bytes - fixed - others) // max(1, len(cache.paged_layers) - len(sliding))
+        return max(0, budget - fixed - others) // max(1, len(cache.kv_layers) - len(sliding))
+
+    def fit_offload(self, cache: KVMemCache, total_tokens: int, others: int = 0) -> None:
+        """Give each layer its room and raise ``KVBudgetError`` (before anything is computed) if a
+        layer cannot serve ``total_tokens`` within it."""
+        room = self.offload_room(cache, others)
+        full = _compressible(cache)
+        for layer in full:
+            layer.set_room(room)
+        need = max((layer.min_bytes(total_tokens) for layer in full), default=0)
+        if need > room:
+            raise KVBudgetError(
+                need * len(full),
+                room * len(full),
+                self.byte_budget(cache),
+                what=f"offloading {total_tokens} tokens (resident blocks, a summary per block, a fetch)",
+            )
 
     def max_chunk(self, cache: KVMemCache) -> int | None:
         """The largest forward the policy can make room for (half the smallest capacity)."""
@@ -137,9 +190,8 @@ class Policy:
         return None if not capacities else max(1, min(capacities.values()) // 2)
 
     def before_forward(self, cache: KVMemCache, q: int) -> None:
-        for layer in cache.paged_layers:
-            if isinstance(layer, OffloadLayer):
-                layer.prepare(q)
+        for layer in cache.kv_layers:
+            layer.before_forward(q)
         capacities = self.capacities(cache)
         if not capacities:
             return
@@ -152,9 +204,8 @@ class Policy:
                 self.evict(layer, max(capacity - max(q, slack), 1), capacity)
 
     def after_forward(self, cache: KVMemCache) -> None:
-        for layer in cache.paged_layers:
-            if isinstance(layer, OffloadLayer):
-                layer.offload_old()
+        for layer in cache.kv_layers:
+            layer.after_forward()
         if self.budget.fraction is None or self.budget.fraction >= 1 or self.scorer is None:
             return  # 100%: nothing to take from any layer
         full = _compressible(cache)
@@ -164,22 +215,16 @@ class Policy:
             if layer.held >= target + min(cache.pool.block_size, max(1, target // 4)):
                 self.evict(layer, target)
 
-    def evict(self, layer: PagedLayer, keep: int, capacity: int | None = None) -> None:
-        """Keep the ``keep`` best-scored tokens of each head of ``layer``; free the rest (or, with
-        mixed precision, demote them to the layer's low-precision store of ``ratio * capacity``)."""
+    def evict(self, layer: KVLayer, keep: int, capacity: int | None = None) -> None:
+        """Keep the ``keep`` best-scored tokens of each head of ``layer``; what becomes of the rest
+        is the layer kind's (freed, or with mixed precision demoted to a low-precision store)."""
         if keep >= layer.held or self.scorer is None:
             return
-        attention = layer.attention
-        if isinstance(layer, MixedLayer):  # only the high-precision tokens compete
-            keys, values = layer.high.gather()
-            attention = None if attention is None else attention[:, layer.num_low :]
-        else:
-            keys, values = layer.gather()
-        valid = layer.valid()  # [H, T] where heads hold different counts (AdaKV), else None
+        keys, values, attention, valid = layer.scoring()  # valid: [H, T] where heads differ (AdaKV)
         scores = self.scorer.score(
             ScoreInputs(
-                keys=keys[0],
-                values=values[0],
+                keys=keys,
+                values=values,
                 queries=layer.recent_queries,
                 attention=attention,
                 scaling=layer.head_dim**-0.5 if layer.scaling is None else layer.scaling,
@@ -189,18 +234,14 @@ class Policy:
             )
         )
         if self.heads is not None:
-            assert isinstance(layer, RaggedLayer)
-            layer.compact_heads(self.heads.select(scores, valid, keep))
+            layer.keep_mask(self.heads.select(scores, valid, keep))
             return
         chosen = torch.topk(scores, keep, dim=-1).indices.sort(dim=-1).values  # [H, keep]
-        if isinstance(layer, MixedLayer):
-            assert capacity is not None, "mixed precision needs a fixed capacity"
-            layer.demote(chosen, layer.ratio * capacity)
-        elif self.merge is None:
-            layer.compact(chosen)
+        if self.merge is None:
+            layer.keep_slots(chosen, capacity)
         else:
-            layer.compact(chosen, *self.merge.apply(keys[0], values[0], chosen))
+            layer.keep_slots(chosen, capacity, *self.merge.apply(keys, values, chosen))
 
 
-def _compressible(cache: KVMemCache) -> list[PagedLayer]:
-    return [layer for layer in cache.paged_layers if layer.window is None]
+def _compressible(cache: KVMemCache) -> list[KVLayer]:
+    return [layer for layer in cache.kv_layers if layer.window is None]

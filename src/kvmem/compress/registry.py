@@ -11,7 +11,6 @@ from kvmem.compress.merge import Merge
 from kvmem.compress.mixed import MixedPrecision
 from kvmem.compress.offload import Offload
 from kvmem.compress.policy import Policy
-from kvmem.compress.quantizer import Quantizer
 from kvmem.compress.scorer import Scorer
 from kvmem.compress.scorers.h2o import H2O
 from kvmem.compress.scorers.key_norm import KeyNorm
@@ -21,6 +20,7 @@ from kvmem.compress.scorers.snapkv import SnapKV
 from kvmem.compress.scorers.streaming_llm import StreamingLLM
 from kvmem.compress.scorers.tova import TOVA
 from kvmem.errors import KVMemError
+from kvmem.model.format import Quantizer
 
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls for cls in (StreamingLLM, H2O, Scissorhands, SnapKV, TOVA, KeyNorm, RandomScorer)

@@ -61,7 +61,10 @@ def recent_attention(
     q = queries.reshape(heads, groups * w, -1)  # [H, G*w, D]
     logits = (q @ keys.transpose(1, 2)).float() * scaling  # [H, G*w, T]
     logits = logits.reshape(heads, groups, w, t)
-    later = torch.arange(t).view(1, t) > (t - w + torch.arange(w)).view(w, 1)  # [w, T]
+    device = keys.device
+    later = torch.arange(t, device=device).view(1, t) > (t - w + torch.arange(w, device=device)).view(
+        w, 1
+    )  # [w, T]
     logits = logits.masked_fill(later, float("-inf"))
     if valid is not None:
         logits = logits.masked_fill(~valid.view(heads, 1, 1, t), float("-inf"))

@@ -22,6 +22,12 @@ class EngineConfig:
     tokens (they stay in the pool until it needs room); no policy or a quantizer alone.
     ``disk_cache``: a folder where those blocks are also written, so a later process reuses them
     (turns ``prefix_cache`` on); ``disk_cache_max``: its size cap (``"2GiB"``; None: no cap).
+    ``max_num_seqs``: sequences running at once; a policy that evicts or offloads under a byte
+    budget gives each request ``budget / max_num_seqs`` unless the request brings its own.
+    ``max_batch_tokens``: tokens one forward computes at most (decodes and prefill chunks).
+    ``reserve_new_tokens``: how many of a request's new tokens its admission sets aside (None:
+    all of them, so nothing is ever preempted; a number admits more at once and preempts, by
+    swapping to disk, when the running requests outgrow the pool).
     """
 
     model: str = DEFAULT_MODEL
@@ -32,6 +38,9 @@ class EngineConfig:
     prefix_cache: bool = False
     disk_cache: str | None = None
     disk_cache_max: int | str | None = None
+    max_num_seqs: int = 16
+    max_batch_tokens: int = 1024
+    reserve_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
@@ -51,6 +60,13 @@ class EngineConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be positive, got {self.prefill_chunk}")
+        if self.max_num_seqs <= 0 or self.max_batch_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_seqs ({self.max_num_seqs}) must be positive and max_batch_tokens "
+                f"({self.max_batch_tokens}) at least as large: every running sequence decodes each step"
+            )
+        if self.reserve_new_tokens is not None and self.reserve_new_tokens < 0:
+            raise ValueError(f"reserve_new_tokens must be >= 0 or None, got {self.reserve_new_tokens}")
 
     @property
     def shares_prefixes(self) -> bool:

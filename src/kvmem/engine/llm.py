@@ -1,39 +1,35 @@
-"""``LLM``: generate text while kvmem's pool holds every key and value."""
+"""``LLM``: generate text while kvmem's pool holds every key and value (an ``Engine`` underneath)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
-from kvmem.compress.observe import register as register_attention
-from kvmem.compress.registry import make_policy
+from kvmem.compress.policy import Policy
 from kvmem.engine.config import EngineConfig
-from kvmem.engine.result import GenerationResult, GenerationStats
-from kvmem.engine.sampling import SamplingParams, sample
+from kvmem.engine.engine import Engine
+from kvmem.engine.result import GenerationResult
+from kvmem.engine.sampling import SamplingParams
 from kvmem.engine.sequence import Sequence
-from kvmem.engine.text import StopMatcher
-from kvmem.errors import KVBudgetError, PromptTooLongError
-from kvmem.kv.pool import DEFAULT_BLOCK_SIZE, KVPool, PoolConfig
+from kvmem.kv.pool import DEFAULT_BLOCK_SIZE, KVPool
 from kvmem.model.loader import LoadedModel, load_model
 from kvmem.model.spec import ModelSpec
 from kvmem.prefix.cache import PrefixCache
-from kvmem.tiers.disk import DiskTier
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
 
 
 class LLM:
-    """A model plus a KV pool under a byte budget.
+    """A model plus a KV pool under a byte budget, and the engine that shares it among requests.
 
     ``model`` is an embedded name, a model folder, a ``.gguf`` file, or an already ``LoadedModel``.
-    Requests that cannot fit raise ``KVBudgetError`` before anything is computed; the pool stays usable.
+    A request that could never fit raises ``KVBudgetError`` before anything is computed; the pool
+    stays usable. ``generate`` takes one prompt or a list, run as one continuous batch.
     """
 
     def __init__(
@@ -46,23 +42,26 @@ class LLM:
         prefix_cache: bool = False,
         disk_cache: str | Path | None = None,
         disk_cache_max: int | str | None = None,
+        max_num_seqs: int = 16,
+        max_batch_tokens: int = 1024,
+        reserve_new_tokens: int | None = None,
     ) -> None:
         name = model if isinstance(model, str) else model.name
-        disk = None if disk_cache is None else str(disk_cache)
         self.config = EngineConfig(
-            name, kv_budget, policy, block_size, prefill_chunk, prefix_cache, disk, disk_cache_max
+            name,
+            kv_budget,
+            policy,
+            block_size,
+            prefill_chunk,
+            prefix_cache,
+            None if disk_cache is None else str(disk_cache),
+            disk_cache_max,
+            max_num_seqs,
+            max_batch_tokens,
+            reserve_new_tokens,
         )
-        budget = self.config.budget
         self.loaded = load_model(model) if isinstance(model, str) else model
-        self.pool = KVPool(PoolConfig(budget.bytes, block_size))
-        self.policy = None if policy is None else make_policy(policy, budget)
-        if self.policy is not None and (self.policy.scorer is not None or self.policy.offload is not None):
-            # eviction and offloaded retrieval run through kvmem's registered attention function
-            self.loaded.model.set_attn_implementation(register_attention())
-        self.prefix: PrefixCache | None = None
-        if self.config.shares_prefixes:
-            tier = None if disk is None else DiskTier(disk, self.config.disk_cache_bytes)
-            self.prefix = PrefixCache(self.pool, self.loaded.identity, policy, self.policy, tier)
+        self.engine = Engine(self.loaded, self.config)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -72,19 +71,55 @@ class LLM:
     def spec(self) -> ModelSpec:
         return self.loaded.spec
 
+    @property
+    def pool(self) -> KVPool:
+        return self.engine.pool
+
+    @property
+    def policy(self) -> Policy | None:
+        return self.engine.policy
+
+    @property
+    def prefix(self) -> PrefixCache | None:
+        return self.engine.prefix
+
     def new_sequence(self, cache_salt: str | None = None) -> Sequence:
-        """An empty sequence; with the prefix cache on, ``cache_salt`` (e.g. a tenant id) keeps its
-        cached blocks apart from every other salt's."""
-        return Sequence(self.loaded.model, self.pool, self.loaded.spec, self.policy, self.prefix, cache_salt)
+        """An empty sequence of the LLM's policy, in its pool; with the prefix cache on,
+        ``cache_salt`` (e.g. a tenant id) keeps its cached blocks apart from every other salt's."""
+        return Sequence(self.loaded.model, self.pool, self.spec, self.policy, self.prefix, cache_salt)
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        return [int(t) for t in prompt]
+        return self.engine.encode(prompt)
 
+    @overload
     def generate(
         self,
         prompt: str | Seq[int],
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        top_k: int = ...,
+        seed: int = ...,
+        stop: Seq[str] | None = ...,
+        cache_salt: str | None = ...,
+    ) -> GenerationResult: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: list[str] | list[list[int]],
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        top_k: int = ...,
+        seed: int = ...,
+        stop: Seq[str] | None = ...,
+        cache_salt: str | None = ...,
+    ) -> list[GenerationResult]: ...
+
+    def generate(
+        self,
+        prompt: str | Seq[int] | list[str] | list[list[int]],
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -92,10 +127,38 @@ class LLM:
         seed: int = 0,
         stop: Seq[str] | None = None,
         cache_salt: str | None = None,
-    ) -> GenerationResult:
-        """Generate a completion of ``prompt`` (text, or token ids used as given)."""
-        events = self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, cache_salt)
-        return _drain(events)
+    ) -> GenerationResult | list[GenerationResult]:
+        """Complete ``prompt`` (text, or token ids used as given), or each prompt of a list, all
+        in one continuous batch (results in the order of the prompts)."""
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        prompts: list[str | Seq[int]] = list(prompt) if _is_batch(prompt) else [prompt]  # type: ignore[arg-type, list-item]
+        share = self._share(len(prompts))
+        ids = []
+        try:
+            for one in prompts:
+                request = self.engine.add_request(
+                    one, max_new_tokens, params, stop or (), cache_salt=cache_salt, kv_budget=share
+                )
+                ids.append(request)
+            results = {}
+            for output in self.engine.run_until_done(ids):
+                if output.error is not None:
+                    raise output.error
+                if output.result is not None:
+                    results[output.request_id] = output.result
+        finally:
+            for request_id in ids:
+                self.engine.abort(request_id)  # nothing left of them on an error
+        ordered = [results[request_id] for request_id in ids]
+        return ordered if _is_batch(prompt) else ordered[0]
+
+    def _share(self, n: int) -> int | None:
+        """Each request's byte share for an evicting or offloading policy: the budget split among
+        the requests that run at once."""
+        policy, budget = self.policy, self.pool.budget
+        if policy is None or not policy.takes_share or budget is None:
+            return None
+        return budget // max(1, min(n, self.config.max_num_seqs))
 
     def stream(
         self,
@@ -109,92 +172,34 @@ class LLM:
         cache_salt: str | None = None,
     ) -> Iterator[str | GenerationResult]:
         """Yield text pieces as they are generated, then the ``GenerationResult`` last."""
-        sequence = self.new_sequence(cache_salt)
-        sequence.token_ids = self.encode(prompt)
         params = SamplingParams(temperature, top_p, top_k, seed)
-        try:
-            yield from self.run(sequence, max_new_tokens, params, stop or ())
-        finally:
-            sequence.release()
+        request_id = self.engine.add_request(
+            prompt, max_new_tokens, params, stop or (), cache_salt=cache_salt, kv_budget=self._share(1)
+        )
+        yield from self._follow(request_id)
 
     def run(
         self, sequence: Sequence, max_new_tokens: int, params: SamplingParams, stop: Seq[str]
     ) -> Iterator[str | GenerationResult]:
-        """Prefill the sequence's pending tokens, then decode; yield text pieces and the result.
+        """Compute the sequence's pending tokens, then decode; yield text pieces and the result.
 
-        The last generated token is appended to ``sequence.token_ids`` but not computed, so a chat
-        turn that follows prefills it together with its own tokens.
+        The sequence stays the caller's (a chat): the last generated token is appended to its
+        ``token_ids`` but not computed, so a turn that follows prefills it with its own tokens.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        context = self.spec.max_context
-        if context and len(sequence.token_ids) >= context:
-            raise PromptTooLongError(
-                f"the prompt is {len(sequence.token_ids)} tokens but {self.config.model} holds at most "
-                f"{context} tokens of context"
-            )
-        if context:
-            max_new_tokens = min(max_new_tokens, context - len(sequence.token_ids))
-        reused = sequence.reuse_prefix()
+        request_id = self.engine.add_request(None, max_new_tokens, params, stop, sequence=sequence)
+        yield from self._follow(request_id)
+
+    def _follow(self, request_id: str) -> Iterator[str | GenerationResult]:
         try:
-            sequence.reserve(max_new_tokens - 1)
-        except KVBudgetError:
-            if reused:
-                sequence.forget_prefix()  # a refused request leaves the sequence as it was
-            raise
-        prompt_tokens, prefilled = len(sequence.token_ids), sequence.num_pending
-        eos = _eos_ids(self.loaded)
-        generator = None if params.greedy else torch.Generator().manual_seed(params.seed)
-        matcher = StopMatcher(self.tokenizer, stop)
-        start = time.perf_counter()
-        logits = sequence.prefill(self.config.prefill_chunk)
-        prefill_s = time.perf_counter() - start
-        generated: list[int] = []
-        finish, ttft_s, decode_start = "length", 0.0, time.perf_counter()
-        while True:
-            token = sample(logits, params, generator)
-            if not generated:
-                ttft_s = time.perf_counter() - start
-                decode_start = time.perf_counter()
-            generated.append(token)
-            piece = matcher.push(token)
-            if piece:
-                yield piece
-            if token in eos:
-                finish = "eos"
-                break
-            if matcher.stopped:
-                finish = "stop"
-                break
-            if len(generated) >= max_new_tokens:
-                break
-            logits = sequence.step(token)
-        sequence.token_ids.append(token)  # appended, computed by the next prefill if any
-        tail = matcher.flush()
-        if tail:
-            yield tail
-        decode_s = time.perf_counter() - decode_start
-        stats = GenerationStats(
-            prompt_tokens=prompt_tokens,
-            tokens_prefilled=prefilled,
-            new_tokens=len(generated),
-            kv_bytes=sequence.cache.nbytes,
-            kv_tokens=sequence.num_cached,
-            kv_bytes_full=sequence.num_cached * self.spec.kv_bytes_per_token,
-            prefill_s=prefill_s,
-            ttft_s=ttft_s,
-            decode_s=decode_s,
-            decode_tokens_per_s=(len(generated) - 1) / decode_s
-            if len(generated) > 1 and decode_s > 0
-            else 0.0,
-            tokens_reused=reused,
-            tokens_from_disk=0
-            if sequence.prefix_state is None or not reused
-            else sequence.prefix_state.disk_tokens,
-        )
-        if self.prefix is not None:
-            self.prefix.flush()  # this request's new blocks reach the disk tier, if any
-        yield GenerationResult(matcher.text, generated, finish, stats)
+            for output in self.engine.run_until_done([request_id]):
+                if output.error is not None:
+                    raise output.error
+                if output.text:
+                    yield output.text
+                if output.result is not None:
+                    yield output.result
+        finally:
+            self.engine.abort(request_id)
 
     def chat(self, system: str | None = None, cache_salt: str | None = None) -> ChatSession:
         """A multi-turn conversation whose KV state persists between turns."""
@@ -209,18 +214,6 @@ class LLM:
         return load_chat(self, path)
 
 
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    """The end-of-sequence ids of the model's generation config, as transformers' generate uses them."""
-    eos = loaded.model.generation_config.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
-
-
-def _drain(events: Iterator[str | GenerationResult]) -> GenerationResult:
-    result = None
-    for event in events:
-        if isinstance(event, GenerationResult):
-            result = event
-    assert result is not None
-    return result
+def _is_batch(prompt: object) -> bool:
+    """A list of prompts (texts, or lists of token ids) rather than one prompt."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list, tuple))

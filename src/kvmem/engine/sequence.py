@@ -1,4 +1,11 @@
-"""One sequence's KV state and tokens, and the two forward passes over it: prefill and step."""
+"""One sequence's KV state and tokens, and how a forward over it is prepared and finished.
+
+The engine batches many sequences into one forward (``kvmem.model.batch``): each scheduled
+sequence hands it a ``Row`` (``begin``), and is told when the forward is done (``end``): its
+policy compresses, its completed blocks are published for prefix reuse. ``prefill`` and
+``step`` run a forward of this sequence alone, for callers that drive one sequence by hand
+(the benchmark's teacher forcing, forks).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +16,20 @@ from kvmem.compress.observe import Observer
 from kvmem.compress.policy import Policy
 from kvmem.errors import KVBudgetError
 from kvmem.kv.pool import KVPool
+from kvmem.model.batch import Row, forward
 from kvmem.model.cache import KVMemCache
-from kvmem.model.cache_arg import cache_kwargs
-from kvmem.model.offload import OffloadLayer
 from kvmem.model.spec import ModelSpec
 from kvmem.prefix.cache import PrefixCache, PrefixState
+from kvmem.tiers.offload import OffloadStore
 
 
 class Sequence:
     """Tokens of one conversation or request, and the cache that holds their keys and values.
 
     ``token_ids`` may run ahead of the cache (tokens appended but not yet computed): the next
-    ``prefill`` computes exactly those. ``release`` gives every block back to the pool.
+    forwards compute exactly those. ``release`` gives every block back to the pool.
+    ``byte_budget`` is the sequence's own share of the pool for a policy that evicts or offloads
+    (None: the policy's budget).
     """
 
     def __init__(
@@ -31,42 +40,55 @@ class Sequence:
         policy: Policy | None = None,
         prefix: PrefixCache | None = None,
         salt: str | None = None,
+        byte_budget: int | None = None,
     ) -> None:
         self.model = model
+        self.byte_budget = byte_budget
         # shared prefix blocks: adopted by `reuse_prefix`, completed blocks published after each forward
         self.prefix = prefix
-        self.prefix_state: PrefixState | None = None if prefix is None else prefix.state(salt)
+        self.salt = salt
+        self.prefix_state: PrefixState | None = None if prefix is None else prefix.state(salt, policy)
         self.pool = pool
         self.spec = spec
         self.policy = policy
-        ragged = policy is not None and policy.heads is not None
-        self.cache = KVMemCache(
-            pool,
-            spec,
-            None if policy is None else policy.quant,
-            ragged=ragged,
-            mixed=None if policy is None else policy.mixed,
-            offload=None if policy is None else policy.offload,
-        )
-        offloads = policy is not None and policy.offload is not None
-        if offloads:
-            assert policy is not None
-            room = policy.offload_room(self.cache)
-            for layer in self.cache.paged_layers:
-                if isinstance(layer, OffloadLayer):
-                    layer.room = room
+        self.cache = self._new_cache()
         self.token_ids: list[int] = []
-        scorer = policy.scorer if policy is not None else None
+        scorer = None if policy is None else policy.scorer
         window = (
             0 if scorer is None or policy is None else max(scorer.query_window, policy.allocator.query_window)
         )
+        ragged = policy is not None and policy.heads is not None
         self.observer = (
             Observer(self.cache, window, scorer.accumulates)
             if scorer is not None and (window or scorer.accumulates or ragged)
-            else Observer(self.cache, 0, False)  # offloaded layers retrieve blocks in attention
-            if offloads
             else None
         )
+
+    def _new_cache(self) -> KVMemCache:
+        policy = self.policy
+        offloads = policy is not None and policy.offload is not None
+        cache = KVMemCache(
+            self.pool,
+            self.spec,
+            None if policy is None else policy.layer_specs(self.spec),
+            device=self.model.device,
+            store=OffloadStore() if offloads else None,
+        )
+        cache.byte_budget = self.byte_budget
+        if offloads:
+            assert policy is not None
+            for layer in cache.kv_layers:
+                layer.set_room(policy.offload_room(cache))
+        return cache
+
+    def reset(self) -> None:
+        """Drop every block and start the cache anew: the tokens stay, all pending (recomputation)."""
+        self.cache.release()
+        self.cache = self._new_cache()
+        if self.observer is not None:
+            self.observer.cache = self.cache
+        if self.prefix is not None:
+            self.prefix_state = self.prefix.state(self.salt, self.policy)
 
     @property
     def num_cached(self) -> int:
@@ -89,90 +111,93 @@ class Sequence:
         self.prefix_state.hashes.clear()
         self.prefix_state.reused_tokens = 0
 
-    def reserve(self, extra_tokens: int) -> None:
-        """Raise ``KVBudgetError`` unless the pool can hold the pending tokens plus ``extra_tokens``.
+    def bytes_to_grow(self, extra_tokens: int) -> int:
+        """Most extra pool bytes this sequence can take for its pending tokens and ``extra_tokens``
+        more, whatever the chunking: what an admission must set aside for it.
 
-        With a compression policy the policy keeps the cache within the budget instead.
+        A policy that evicts or offloads under a byte budget keeps the sequence within that budget.
         """
-        if self.policy is not None and self.policy.scorer is not None:
+        growth = self.cache.bytes_to_grow(self.num_pending + extra_tokens)
+        if self.policy is not None and self.policy.caps(self.cache):
+            budget = self.policy.byte_budget(self.cache)
+            assert budget is not None
+            growth = min(growth, max(0, budget - self.cache.nbytes))
+        return growth
+
+    def check_policy(self, extra_tokens: int, others: int = 0) -> None:
+        """Raise ``KVBudgetError`` if the policy cannot serve this sequence at all (its budget
+        holds less than a minimal cache; an offloading layer's room is too small); ``others``:
+        bytes other sequences hold, for a sequence without a share of its own."""
+        if self.policy is None:
+            return
+        if self.policy.scorer is not None:
             self.policy.capacities(self.cache)  # raises if the budget cannot hold even a minimal cache
+        if self.policy.offload is not None:
+            shared = others if self.cache.byte_budget is None else 0
+            self.policy.fit_offload(self.cache, len(self.token_ids) + extra_tokens, shared)
+
+    def reserve(self, extra_tokens: int) -> None:
+        """Raise ``KVBudgetError`` unless the pool can hold the pending tokens plus ``extra_tokens``
+        (for a sequence run on its own; the engine's admission does this for many)."""
+        if self.policy is not None and self.policy.caps(self.cache):
+            self.check_policy(extra_tokens, self.pool.bytes_used - self.cache.nbytes)
             return
-        if self.policy is not None and self.policy.offload is not None:
-            total = len(self.token_ids) + extra_tokens
-            others = self.pool.bytes_used - self.cache.nbytes  # other sequences in the same pool
-            room = self.policy.offload_room(self.cache, others)
-            for layer in self.cache.paged_layers:
-                if isinstance(layer, OffloadLayer):
-                    layer.room = room
-            for layer in self.cache.paged_layers:
-                if isinstance(layer, OffloadLayer) and layer.room is not None:
-                    need = layer.min_bytes(total)
-                    if need > layer.room:
-                        layers = sum(isinstance(x, OffloadLayer) for x in self.cache.paged_layers)
-                        raise KVBudgetError(
-                            need * layers,
-                            layer.room * layers,
-                            self.pool.budget,
-                            what=f"offloading {total} tokens (resident blocks, a summary per block, a fetch)",
-                        )
-            return
-        needed = self.cache.bytes_to_grow(self.num_pending + extra_tokens)
+        needed = self.bytes_to_grow(extra_tokens)
         free = self.pool.bytes_available  # blocks cached for reuse give way when needed
         if free is not None and needed > free:
             raise KVBudgetError(
                 needed, free, self.pool.budget, what=f"{self.num_pending + extra_tokens} more tokens"
             )
 
+    def chunk_size(self, limit: int) -> int:
+        """Tokens the next forward may compute, at most ``limit`` and the pending ones."""
+        size = min(limit, self.num_pending)
+        if self.policy is not None:  # capacities may change as a policy learns (CAKE): sized anew
+            size = min(size, self.policy.max_chunk(self.cache) or size)
+        if self.prefix is not None:  # sliding layers' blocks stay token-aligned (see PrefixCache)
+            size = min([size] + [layer.keep for layer in self.cache.kv_layers if layer.keep])
+        return max(1, size)
+
+    def begin(self, size: int, all_logits: bool = False) -> Row:
+        """Prepare a forward of the next ``size`` pending tokens (the policy makes room first)."""
+        if self.policy is not None:
+            self.policy.before_forward(self.cache, size)
+        start = self.num_cached
+        return Row(self.cache, self.token_ids[start : start + size], self.observer, all_logits)
+
+    def end(self) -> None:
+        """After the forward: the policy compresses, completed blocks are published for reuse."""
+        if self.policy is not None:
+            self.policy.after_forward(self.cache)
+        if self.prefix is not None and self.prefix_state is not None:
+            self.prefix.publish(self.cache, self.token_ids, self.prefix_state)
+
     @torch.inference_mode()
     def prefill(self, chunk_size: int, all_logits: bool = False) -> torch.Tensor:
         """Compute the pending tokens in chunks; return logits [V] of the last one ([T, V] if all_logits)."""
-        pending = self.token_ids[self.num_cached :]
-        if not pending:
+        if not self.num_pending:
             raise ValueError("nothing to prefill: every token is already cached")
-        outputs, start = [], 0
-        while start < len(pending):
-            # a policy's per-layer capacities may change as it learns (CAKE): size each chunk anew
-            size = chunk_size
-            if self.policy is not None:
-                size = min(size, self.policy.max_chunk(self.cache) or size)
-            if self.prefix is not None:  # sliding layers' blocks stay token-aligned (see PrefixCache)
-                size = min([size] + [layer.keep for layer in self.cache.paged_layers if layer.keep])
-            chunk = torch.tensor([pending[start : start + size]], dtype=torch.long)  # [1, q]
-            logits = self._forward(chunk, keep_all=all_logits)  # [1, q or 1, V]
-            if all_logits:
-                outputs.append(logits[0])
-            start += size
-        return torch.cat(outputs) if all_logits else logits[0, -1]
+        outputs = []
+        while self.num_pending:
+            row = self.begin(self.chunk_size(chunk_size), all_logits)
+            (logits,) = forward(self.model, [row])
+            self.end()
+            outputs.append(logits)
+        return torch.cat(outputs) if all_logits else outputs[-1]
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         """Append one token, compute it, return the next-token logits [V]."""
         self.token_ids.append(token_id)
-        return self._forward(torch.tensor([[token_id]], dtype=torch.long), keep_all=False)[0, -1]
-
-    def _forward(self, input_ids: torch.Tensor, keep_all: bool) -> torch.Tensor:
-        # input_ids: [1, q] -> logits: [1, q or 1, V]
-        if self.policy is not None:
-            self.policy.before_forward(self.cache, input_ids.shape[1])
-        extra = {} if self.observer is None else {"kvmem_observer": self.observer}
-        out = self.model(
-            input_ids=input_ids,
-            **cache_kwargs(self.model, self.cache),
-            use_cache=True,
-            logits_to_keep=0 if keep_all else 1,
-            **extra,
-        )
-        if self.policy is not None:
-            self.policy.after_forward(self.cache)
-        if self.prefix is not None and self.prefix_state is not None:
-            self.prefix.publish(self.cache, self.token_ids, self.prefix_state)
-        return out.logits.float()
+        (logits,) = forward(self.model, [self.begin(1)])
+        self.end()
+        return logits
 
     def fork(self, pool: KVPool | None = None) -> Sequence:
         """An independent copy of this sequence (tokens and cache) in ``pool`` (default: a new
         pool with this one's configuration). The copy's blocks are new: it costs their bytes."""
         pool = pool if pool is not None else KVPool(self.pool.config)
-        new = Sequence(self.model, pool, self.spec, self.policy)
+        new = Sequence(self.model, pool, self.spec, self.policy, byte_budget=self.cache.byte_budget)
         new.cache.release()
         new.cache = self.cache.copy_to(pool)
         if new.observer is not None:

@@ -109,8 +109,9 @@ class KVPool:
         nbytes = block_nbytes(num_heads, head_dim, self.block_size, dtype)
         self._make_room(nbytes)
         block_id = self.manager.allocate(nbytes)
-        # block: [2, H, block_size, D]
-        self._tensors[block_id] = torch.empty(
+        # block: [2, H, block_size, D]; zeroed, because attention reads whole blocks and masks the
+        # unfilled slots, and uninitialised memory may hold NaNs that a mask does not cancel
+        self._tensors[block_id] = torch.zeros(
             (2, num_heads, self.block_size, head_dim), dtype=dtype, device=device
         )
         return block_id

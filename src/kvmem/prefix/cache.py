@@ -53,41 +53,42 @@ class PrefixState:
     """One sequence's place in the hash chain: the hashes of its blocks published or adopted."""
 
     root: bytes
+    policy: str  # the policy's name ("" for none), written with its blocks
     hashes: list[bytes] = field(default_factory=list)
     reused_tokens: int = 0
     disk_tokens: int = 0  # of the reused tokens, those read back from the disk tier
 
 
 class PrefixCache:
-    """The prefix index of one pool, for one model and policy. Implements the pool's ``Reclaimer``."""
+    """The prefix index of one pool, for one model. Implements the pool's ``Reclaimer``.
 
-    def __init__(
-        self,
-        pool: KVPool,
-        model_identity: str,
-        policy_name: str | None,
-        policy: Policy | None,
-        disk: DiskTier | None = None,
-    ) -> None:
-        if not can_share(policy):
-            raise PrefixSharingError(
-                f"policy {policy_name!r} evicts or reshapes blocks per sequence; prefix sharing works "
-                "with no policy or a quantizer alone (kivi4, bfp4, …)"
-            )
+    Sequences of several policies may share it: the policy is part of every chain's root, so
+    blocks of one policy are never adopted by a sequence of another.
+    """
+
+    def __init__(self, pool: KVPool, model_identity: str, disk: DiskTier | None = None) -> None:
         self.pool = pool
         self.index = PrefixIndex(pool.manager, pool.incref, pool.decref, on_evict=self._spill)
         self.model_identity = model_identity
-        self.policy_name = policy_name
         self.disk = disk
-        self._unsaved: dict[bytes, None] = {}  # published, not yet on disk (insertion order)
+        self._unsaved: dict[bytes, str] = {}  # published, not yet on disk (insertion order): its policy
         pool.set_reclaimer(self)
 
     @property
     def block_size(self) -> int:
         return self.pool.block_size
 
-    def state(self, salt: str | None = None) -> PrefixState:
-        return PrefixState(root_hash(self.model_identity, self.policy_name, self.block_size, salt))
+    def state(self, salt: str | None = None, policy: Policy | None = None) -> PrefixState:
+        """Where a new sequence of ``policy`` (tenant ``salt``) starts its chain; raises
+        ``PrefixSharingError`` for a policy whose blocks cannot be shared."""
+        if not can_share(policy):
+            assert policy is not None
+            raise PrefixSharingError(
+                f"policy {policy.name!r} evicts or reshapes blocks per sequence; prefix sharing works "
+                "with no policy or a quantizer alone (kivi4, bfp4, …)"
+            )
+        name = None if policy is None else policy.name
+        return PrefixState(root_hash(self.model_identity, name, self.block_size, salt), name or "")
 
     # --- the pool's Reclaimer
     def reclaimable(self) -> int:
@@ -117,12 +118,13 @@ class PrefixCache:
             pinned += [b for e in from_disk for b in e.block_ids()]  # still hold their load reference
             entries += from_disk
             n = self._reusable(cache, entries)
-            for i, layer in enumerate(cache.paged_layers):
+            for i, layer in enumerate(cache.kv_layers):
                 if n == 0:
                     break
                 first = 0 if layer.keep is None else max(0, n * bs - layer.keep) // bs
                 ids = [e.blocks[i] for e in entries[first:n]]
-                layer.adopt([b for b in ids if b is not None], first * bs, n * bs)
+                layer.stream().adopt([b for b in ids if b is not None], first * bs, n * bs)
+                layer.is_initialized = True
         finally:
             for block_id in pinned:
                 self.pool.decref(block_id)
@@ -163,10 +165,10 @@ class PrefixCache:
 
     def _to_pool(self, cache: KVMemCache, tensors: dict[str, torch.Tensor]) -> list[int | None] | None:
         """Copy a block file's tensors into new pool blocks (one per layer present)."""
-        layers = cache.paged_layers
         blocks: list[int | None] = []
         try:
-            for i, layer in enumerate(layers):
+            for i, kv_layer in enumerate(cache.kv_layers):
+                layer = kv_layer.stream()
                 stored = tensors.get(f"layer.{i}")
                 if stored is None:
                     blocks.append(None)
@@ -194,7 +196,7 @@ class PrefixCache:
         bs = self.block_size
         for n in range(len(entries), 0, -1):
             complete = True
-            for i, layer in enumerate(cache.paged_layers):
+            for i, layer in enumerate(cache.kv_layers):
                 first = 0 if layer.keep is None else max(0, n * bs - layer.keep) // bs
                 if any(e.blocks[i] is None for e in entries[first:n]):
                     complete = False
@@ -218,7 +220,7 @@ class PrefixCache:
             if _NOT_FINAL in blocks:  # the quantizer's residual block: published once quantized
                 return
             if self.index.insert(key, j, blocks) and self.disk is not None and key not in self.disk:
-                self._unsaved[key] = None
+                self._unsaved[key] = state.policy
             state.hashes.append(key)
         # the chain is as recent as its newest block: under pressure it is cut from its end
         self.index.touch(state.hashes)
@@ -239,9 +241,9 @@ class PrefixCache:
         if self.disk is None or entry.key not in self._unsaved:
             return
         tensors = {f"layer.{i}": self.pool.tensor(b) for i, b in enumerate(entry.blocks) if b is not None}
-        del self._unsaved[entry.key]
+        policy = self._unsaved.pop(entry.key)
         try:
-            self.disk.put(entry.key, tensors, {"depth": str(entry.depth), "policy": self.policy_name or ""})
+            self.disk.put(entry.key, tensors, {"depth": str(entry.depth), "policy": policy})
         except OSError:  # a full or read-only disk costs a later recomputation, never this request
             self.disk.stats.write_errors += 1
 
@@ -257,10 +259,11 @@ class PrefixCache:
 def _layer_views(cache: KVMemCache) -> list[tuple[list[int], int, bool, bool]]:
     """Per layer: (block ids, start, whether its blocks are token-aligned, whether it quantizes)."""
     views = []
-    for layer in cache.paged_layers:
-        table = layer.table
+    for layer in cache.kv_layers:
+        stream = layer.stream()
+        table = stream.table
         views.append(
-            (table.block_ids, table.start, table.start % table.block_size == 0, layer.quant is not None)
+            (table.block_ids, table.start, table.start % table.block_size == 0, stream.fmt is not None)
         )
     return views
 

@@ -37,7 +37,7 @@ from kvmem.tiers.snapshot import restore, snapshot
 if TYPE_CHECKING:
     from kvmem.engine.llm import LLM
 
-FORMAT = 1
+FORMAT = 2  # 2: layer kinds (scorer state per layer, block lists per part)
 SUFFIX = ".kvsession"
 _HEADER = "kvmem.session"
 _CHECKSUM = "kvmem.sha256"

@@ -7,8 +7,9 @@ a restored cache is bit-identical to the saved one. Besides the blocks, what a p
 later turns is kept too: each layer's recent queries, accumulated attention and softmax scale
 (eviction scorers), the key-channel permutation of a BFP layout, and measured layer shares (CAKE).
 
-Ragged (AdaKV) and mixed-precision (MiKV) layers hold their blocks in inner ``PagedLayer``s;
-each layer is saved as a list of such parts (``""``, ``".h0"``…, ``".high"``, ``".low"``).
+Every layer kind holds its blocks in named ``BlockList``s (``layer.parts()``: ``""`` for paged
+and sliding layers, ``".h0"``… per head, ``".high"`` / ``".low"`` for mixed precision); each part
+is saved under its name, the scorer state once per layer.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import torch
 
 from kvmem.errors import CorruptCacheError, KVBudgetError, SessionMismatchError
 from kvmem.kv.pool import block_nbytes
-from kvmem.model.cache import KVMemCache, PagedLayer
-from kvmem.model.mixed import MixedLayer
-from kvmem.model.ragged import RaggedLayer
+from kvmem.model.cache import KVMemCache
+from kvmem.model.layers import BlockList, KVLayer
 
 FULL, PACKED = "f", "q"  # a block's kind in a part's ``blocks`` string
 _STATE = ("recent_queries", "attention")  # scorer state kept on a layer (kvmem.compress.observe)
@@ -34,55 +34,44 @@ class Snapshot(NamedTuple):
     tensors: dict[str, torch.Tensor]
 
 
-def layer_kind(layer: PagedLayer) -> str:
-    if isinstance(layer, RaggedLayer):
-        return "ragged"
-    if isinstance(layer, MixedLayer):
-        return "mixed"
-    return "full" if layer.window is None else "sliding"
-
-
-def parts(layer: PagedLayer) -> list[tuple[str, PagedLayer]]:
-    """The layer and the inner layers that hold its blocks, by name suffix."""
-    found: list[tuple[str, PagedLayer]] = [("", layer)]
-    if isinstance(layer, RaggedLayer):
-        found += [(f".h{h}", head) for h, head in enumerate(layer.heads)]
-    if isinstance(layer, MixedLayer):
-        found += [(".high", layer.high), (".low", layer.low)]
-    return found
-
-
 def snapshot(cache: KVMemCache) -> Snapshot:
     """The cache's blocks, table state and scorer state; the cache is not changed."""
     tensors: dict[str, torch.Tensor] = {}
     layers = []
-    if cache.offload_store is not None:
+    if cache.store is not None:
         raise SessionMismatchError(
-            "saving sessions of the offload policy is not supported yet: its blocks live in a "
+            "saving the state of the offload policy is not supported yet: its blocks live in a "
             "temporary folder of the running process"
         )
-    for i, layer in enumerate(cache.paged_layers):
-        states = {}
-        for suffix, part in parts(layer):
-            states[suffix] = _snapshot_part(part, f"{i}{suffix}", tensors)
-        layers.append({"kind": layer_kind(layer), "parts": states})
+    for i, layer in enumerate(cache.kv_layers):
+        states = {
+            suffix: _snapshot_part(part, f"{i}{suffix}", tensors) for suffix, part in layer.parts().items()
+        }
+        for key in _STATE:
+            value = getattr(layer, key)
+            if value is not None:
+                tensors[f"{i}.{key}"] = value.detach().cpu().contiguous().clone()
+        layers.append(
+            {
+                "kind": layer.kind,
+                "parts": states,
+                "initialized": bool(layer.is_initialized),
+                "scaling": layer.scaling,
+            }
+        )
     return Snapshot({"layers": layers, "layer_weights": cache.layer_weights}, tensors)
 
 
-def _snapshot_part(part: PagedLayer, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _snapshot_part(part: BlockList, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     blocks = part.blocks()
     full = [block for block, quantized in blocks if not quantized]  # each [2, H, bs, D]
     packed = [block for block, quantized in blocks if quantized]  # each uint8 [nbytes]
     if full:
         stacked = torch.stack(full).cpu()  # [n, 2, H, bs, D]; only the last block may be part-filled
-        stacked[-1, :, :, part.table.last_fill :] = 0  # its unused slots: never written, never saved
+        stacked[-1, :, :, part.table.last_fill :] = 0  # its unused slots hold no token: saved as zeros
         tensors[f"{name}.full"] = stacked
     if packed:
         tensors[f"{name}.packed"] = torch.stack(packed).cpu()  # [n, nbytes]
-    for key in _STATE:
-        value = getattr(part, key)
-        if value is not None:
-            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
     permutation = getattr(part.layout, "permutation", None)  # BFP: chosen by the first block
     if permutation is not None:
         tensors[f"{name}.permutation"] = permutation.cpu().contiguous().clone()
@@ -90,19 +79,17 @@ def _snapshot_part(part: PagedLayer, name: str, tensors: dict[str, torch.Tensor]
         "start": part.table.start,
         "length": part.table.length,
         "blocks": "".join(PACKED if quantized else FULL for _, quantized in blocks),
-        "initialized": bool(part.is_initialized),
         "dtype": str(part.dtype).removeprefix("torch."),
-        "scaling": part.scaling,
     }
 
 
 def bytes_needed(cache: KVMemCache, header: dict[str, Any]) -> int:
     """Pool bytes ``restore`` allocates for ``header`` into ``cache``'s layers."""
     total = 0
-    for layer, state in zip(cache.paged_layers, header["layers"]):
-        for suffix, part in parts(layer):
+    for layer, state in zip(cache.kv_layers, header["layers"]):
+        for suffix, part in layer.parts().items():
             blocks = state["parts"][suffix]["blocks"]
-            full = block_nbytes(part.num_heads, part.head_dim, part.table.block_size, part.dtype)
+            full = block_nbytes(part.num_heads, part.head_dim, part.block_size, part.dtype)
             packed = 0 if part.layout is None else part.layout.nbytes
             total += blocks.count(FULL) * full + blocks.count(PACKED) * packed
     return total
@@ -119,7 +106,7 @@ def restore(
     """
     assert cache.nbytes == 0 and cache.num_tokens == 0, "restore into an empty cache"
     layers = header["layers"]
-    kinds = [layer_kind(layer) for layer in cache.paged_layers]
+    kinds = [layer.kind for layer in cache.kv_layers]
     saved = [state["kind"] for state in layers]
     if saved != kinds:
         raise SessionMismatchError(
@@ -129,10 +116,9 @@ def restore(
     if free is not None and needed > free:
         raise KVBudgetError(needed, free, cache.pool.budget, what="the saved session")
     try:
-        for i, (layer, state) in enumerate(zip(cache.paged_layers, layers)):
-            for suffix, part in parts(layer):
-                _restore_part(part, state["parts"][suffix], tensors, f"{i}{suffix}", device)
-        lengths = {layer.seq_length for layer in cache.paged_layers}
+        for i, (layer, state) in enumerate(zip(cache.kv_layers, layers)):
+            _restore_layer(layer, state, tensors, str(i), device)
+        lengths = {layer.seq_length for layer in cache.kv_layers}
         if len(lengths) > 1:
             raise CorruptCacheError(f"the saved layers hold different sequence lengths {sorted(lengths)}")
         weights = header["layer_weights"]
@@ -142,8 +128,23 @@ def restore(
         raise
 
 
+def _restore_layer(
+    layer: KVLayer, state: dict[str, Any], tensors: dict[str, torch.Tensor], name: str, device: torch.device
+) -> None:
+    parts = layer.parts()
+    if set(state["parts"]) != set(parts):
+        raise CorruptCacheError(f"layer {name}: parts {sorted(state['parts'])}, expected {sorted(parts)}")
+    for suffix, part in parts.items():
+        _restore_part(part, state["parts"][suffix], tensors, f"{name}{suffix}", device)
+    layer.is_initialized = bool(state["initialized"])
+    layer.scaling = None if state["scaling"] is None else float(state["scaling"])
+    for key in _STATE:
+        value = tensors.get(f"{name}.{key}")
+        setattr(layer, key, None if value is None else value.to(device))
+
+
 def _restore_part(
-    part: PagedLayer, state: dict[str, Any], tensors: dict[str, torch.Tensor], name: str, device: torch.device
+    part: BlockList, state: dict[str, Any], tensors: dict[str, torch.Tensor], name: str, device: torch.device
 ) -> None:
     dtype = getattr(torch, str(state["dtype"]), None)
     if not isinstance(dtype, torch.dtype):
@@ -159,20 +160,16 @@ def _restore_part(
         )
     if (PACKED in blocks and part.layout is None) or set(blocks) - {FULL, PACKED}:
         raise CorruptCacheError(f"layer part {name}: block kinds {blocks!r} do not fit this layer")
-    part.dtype, part.device, part.is_initialized = dtype, device, bool(state["initialized"])
+    part.dtype, part.device = dtype, device
     sources = {FULL: iter(full), PACKED: iter(packed)}
     for kind in blocks:  # each added to the table at once, so that release() frees it on error
         part.add_block(next(sources[kind]), packed=kind == PACKED)
     part.table.start, part.table.length = start, length
-    part.scaling = None if state["scaling"] is None else float(state["scaling"])
-    for key in _STATE:
-        value = tensors.get(f"{name}.{key}")
-        setattr(part, key, None if value is None else value.to(device))
     permutation = tensors.get(f"{name}.permutation")
     if permutation is not None:
         if not hasattr(part.layout, "permutation"):
             raise CorruptCacheError(f"layer part {name}: a key permutation, but this layer's format has none")
-        part.layout.permutation = permutation.to(device)  # type: ignore[union-attr]
+        part.layout.permutation = permutation.to(device)
 
 
 def _blocks(

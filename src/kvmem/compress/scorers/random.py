@@ -17,4 +17,4 @@ class RandomScorer(Scorer):
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + x.layer_idx * 10_007 + x.num_tokens)
-        return torch.rand((x.keys.shape[0], x.num_tokens), generator=generator)
+        return torch.rand((x.keys.shape[0], x.num_tokens), generator=generator).to(x.keys.device)

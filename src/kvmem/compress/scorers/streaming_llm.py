@@ -19,6 +19,10 @@ class StreamingLLM(Scorer):
     sinks: int = 4
 
     def score(self, x: ScoreInputs) -> torch.Tensor:
-        order = torch.arange(x.num_tokens, dtype=torch.float32).expand(x.keys.shape[0], -1).clone()
+        order = (
+            torch.arange(x.num_tokens, dtype=torch.float32, device=x.keys.device)
+            .expand(x.keys.shape[0], -1)
+            .clone()
+        )
         order[:, : self.sinks] = float("inf")
         return order  # newer slots score higher

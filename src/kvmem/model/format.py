@@ -1,8 +1,11 @@
-"""The ``Quantizer`` contract: how ``PagedLayer`` stores a full block of keys and values in bytes.
+"""The block-format contract (``Quantizer``): how a layer stores a full block of keys and values in bytes.
 
 A quantizer turns one full block (keys, values: [H, bs, D]) into one ``uint8`` buffer of exactly
-``layout.nbytes`` bytes, so the pool counts the real bytes held, and back. ``PagedLayer`` calls
-``layout`` once and passes that same object to every ``encode`` and ``decode`` of the layer.
+``layout.nbytes`` bytes, so the pool counts the real bytes held, and back. A layer's block list
+calls ``layout`` once and passes that same object to every ``encode`` and ``decode`` of the layer.
+
+The contract lives here, on the storage floor; the formats themselves (KIVI, BFP) are
+compression methods in ``kvmem.compress`` and are handed to the layers by a policy.
 """
 
 from __future__ import annotations

@@ -1,30 +1,34 @@
-"""A full-attention layer whose KV heads hold different numbers of tokens (head-adaptive budgets).
+"""``PerHeadLayer``: a full-attention layer whose KV heads hold different numbers of tokens.
 
 AdaKV gives each head of a layer its own share of the layer's budget, so after eviction the
 heads keep different numbers of tokens. Masking the dropped slots would save nothing: here each
-head has blocks of its own (a single-head ``PagedLayer``), so a head that keeps fewer tokens
-holds fewer blocks, and the pool counts only those.
+head has a block list of its own, so a head that keeps fewer tokens holds fewer blocks, and the
+pool counts only those.
 
 Attention sees the heads gathered into one transient tensor, padded at the front to the longest
-head: [1, H, T, D]. Front padding keeps every head's newest tokens in the last slots, so the
-causal part of the mask is the same for all heads; ``valid()`` marks the padding, which
-``kvmem_sdpa`` and the scorers mask out.
+head: [H, T, D]. Front padding keeps every head's newest tokens in the last slots, so the causal
+part of the mask is the same for all heads; ``valid`` marks the padding, which attention and the
+scorers mask out.
 """
 
 from __future__ import annotations
 
+import copy
+from typing import ClassVar
+
 import torch
 
-from kvmem.compress.quantizer import Quantizer
 from kvmem.kv.pool import KVPool
-from kvmem.model.cache import PagedLayer
+from kvmem.model.format import Quantizer
+from kvmem.model.layers.base import KVLayer
+from kvmem.model.layers.blocks import BlockList
+from kvmem.model.past import Past
 
 
-class RaggedLayer(PagedLayer):
-    """One full-attention layer of one sequence; head ``h`` lives in ``self.heads[h]``.
+class PerHeadLayer(KVLayer):
+    """One full-attention layer of one sequence; head ``h`` lives in ``self.heads[h]``."""
 
-    The inherited block table stays empty: every block belongs to one of the per-head layers.
-    """
+    kind: ClassVar[str] = "perhead"
 
     def __init__(
         self,
@@ -33,15 +37,16 @@ class RaggedLayer(PagedLayer):
         head_dim: int,
         dtype: torch.dtype,
         layer_idx: int = 0,
-        quant: Quantizer | None = None,
+        window: int | None = None,
+        device: torch.device | None = None,
+        fmt: Quantizer | None = None,
     ) -> None:
-        super().__init__(pool, num_heads, head_dim, None, dtype, layer_idx, quant)
-        self.heads = [PagedLayer(pool, 1, head_dim, None, dtype, layer_idx, quant) for _ in range(num_heads)]
+        assert window is None, "per-head budgets are for full-attention layers"
+        super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
+        self.heads = [BlockList(pool, 1, head_dim, dtype, fmt, None, self.device) for _ in range(num_heads)]
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        for head in self.heads:
-            head.lazy_initialization(key_states, value_states)
+    def parts(self) -> dict[str, BlockList]:
+        return {f".h{h}": head for h, head in enumerate(self.heads)}
 
     @property
     def lengths(self) -> list[int]:
@@ -55,37 +60,44 @@ class RaggedLayer(PagedLayer):
 
     @property
     def seq_length(self) -> int:
-        return self.heads[0].seq_length
+        return self.heads[0].length
 
     def valid(self) -> torch.Tensor:
-        lengths = torch.tensor(self.lengths)
+        lengths = torch.tensor(self.lengths, device=self.device)
         t = int(lengths.max())
-        return torch.arange(t).view(1, t) >= (t - lengths).view(-1, 1)  # [H, T]
+        return torch.arange(t, device=self.device).view(1, t) >= (t - lengths).view(-1, 1)  # [H, T]
 
     def check(self) -> None:
-        assert not self.table.block_ids
-        for head in self.heads:
-            head.check()
-            assert head.seq_length == self.seq_length
+        super().check()
+        assert all(head.length == self.seq_length for head in self.heads)
 
-    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: [H, q, D]
         for h, head in enumerate(self.heads):
-            head._append(k[h : h + 1], v[h : h + 1])
+            head.append(k[h : h + 1], v[h : h + 1])
 
-    def gather(self, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every head, padded with zeros at the front: [1, H, T, D] each."""
-        assert last is None, "only sliding-window layers gather their last tokens"
-        parts = [head.gather() for head in self.heads]  # each [1, 1, T_h, D]
-        t = max(k.shape[2] for k, _ in parts)
-        shape = (1, self.num_heads, t, self.head_dim)
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every head, padded with zeros at the front: [H, T, D] each."""
+        parts = [head.dense() for head in self.heads]  # each [1, T_h, D]
+        t = max(k.shape[1] for k, _ in parts)
+        shape = (self.num_heads, t, self.head_dim)
         keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         values = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for h, (k, v) in enumerate(parts):
-            n = k.shape[2]
-            keys[0, h, t - n :] = k[0, 0]
-            values[0, h, t - n :] = v[0, 0]
+            n = k.shape[1]
+            keys[h, t - n :] = k[0]
+            values[h, t - n :] = v[0]
         return keys, values
+
+    def past(self) -> Past:
+        if not self.seq_length:
+            return Past.empty(self.dtype)
+        keys, values = self.gather()
+        return Past([keys], [values], 0, keys.shape[1], self.dtype, valid=self.valid())
+
+    def scoring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        keys, values = self.gather()
+        return keys, values, self.attention, self.valid()
 
     def cost_of_blocks(self, n: int) -> int:
         """Most bytes the layer holds with at most ``n * block_size`` tokens per head on average.
@@ -108,26 +120,22 @@ class RaggedLayer(PagedLayer):
     def max_bytes_to_grow(self, n: int) -> int:
         return sum(head.max_bytes_to_grow(n) for head in self.heads)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(head.nbytes for head in self.heads)
-
-    @torch.inference_mode()
-    def compact(
+    def keep_slots(
         self,
-        keep: torch.Tensor,
+        chosen: torch.Tensor,
+        capacity: int | None = None,
         kept_keys: torch.Tensor | None = None,
         kept_values: torch.Tensor | None = None,
     ) -> None:
-        """Keep the gathered slots ``keep`` ([H, k], ascending per head; padding never chosen)."""
+        """Keep the gathered slots ``chosen`` ([H, k], ascending per head; padding never chosen)."""
         if kept_keys is not None or kept_values is not None:
-            raise NotImplementedError("merging into a ragged layer is not supported")
-        mask = torch.zeros(self.valid().shape, dtype=torch.bool)
-        mask.scatter_(1, keep, True)
-        self.compact_heads(mask)
+            raise NotImplementedError("merging into a per-head layer is not supported")
+        mask = torch.zeros(self.valid().shape, dtype=torch.bool, device=self.device)
+        mask.scatter_(1, chosen, True)
+        self.keep_mask(mask)
 
     @torch.inference_mode()
-    def compact_heads(self, mask: torch.Tensor) -> None:
+    def keep_mask(self, mask: torch.Tensor) -> None:
         """Keep, in each head, the gathered slots where ``mask`` ([H, T] bool) is True."""
         valid = self.valid()
         assert mask.shape == valid.shape and not bool((mask & ~valid).any()), "padding chosen"
@@ -147,16 +155,9 @@ class RaggedLayer(PagedLayer):
         t = max(self.lengths)
         return t + query_length, self.seq_length - t
 
-    def get_seq_length(self) -> int:
-        return self.seq_length
-
-    def copy_to(self, pool: KVPool) -> RaggedLayer:
-        new = super().copy_to(pool)
-        assert isinstance(new, RaggedLayer)
+    def copy_to(self, pool: KVPool) -> PerHeadLayer:
+        new = copy.copy(self)
+        new.pool = pool
         new.heads = [head.copy_to(pool) for head in self.heads]
+        self._copy_state(new)
         return new
-
-    def release(self) -> None:
-        for head in self.heads:
-            head.release()
-        super().release()

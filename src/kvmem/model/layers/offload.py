@@ -1,58 +1,93 @@
-"""``OffloadLayer``: a full-attention layer whose old blocks live on disk (see ``compress.offload``).
+"""``OffloadLayer``: a full-attention layer whose old blocks live outside RAM (see ``compress.offload``).
 
 RAM (the pool) holds the sink blocks, the recent blocks, one summary per offloaded block and a
 few fetched blocks; ``nbytes`` counts all of them. ``retrieve`` is called by kvmem's attention
-function with the layer's queries and returns the keys and values of the blocks to attend to
-besides the resident ones. Offloaded blocks are written once and never change, so a copy of the
-layer (a forked sequence) shares them: ``OffloadStore`` deletes its folder with its last user.
+with the layer's queries and returns the keys and values of the blocks to attend to besides the
+resident ones. The layer never opens a file itself: it is given a ``BlockStore`` (the engine
+gives it a folder of the disk tier's checked files). Offloaded blocks are written once and never
+change, so a copy of the layer (a forked sequence) shares them through the store.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import shutil
-import tempfile
 from collections import OrderedDict
-from pathlib import Path
+from typing import ClassVar, Protocol
 
 import torch
 
-from kvmem.compress.offload import Offload, quest_bounds
 from kvmem.errors import CorruptCacheError, KVBudgetError
 from kvmem.kv.pool import KVPool
-from kvmem.model.cache import PagedLayer
-from kvmem.tiers.disk import DiskTier
+from kvmem.kv.table import BlockTable
+from kvmem.model.layers.base import KVLayer
+from kvmem.model.layers.blocks import BlockList
+from kvmem.model.past import Past
 
 
-class OffloadStore:
-    """A folder of offloaded blocks shared by a sequence and its forks; removed with the last."""
+class BlockStore(Protocol):
+    """Where an offloading layer puts blocks it no longer keeps in RAM, shared by a sequence's forks."""
 
-    def __init__(self, parent: Path) -> None:
-        parent.mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix="seq-", dir=parent))
-        self.disk = DiskTier(self.folder)
-        self.users = 1
+    @property
+    def where(self) -> str:
+        """For messages: the folder, or whatever holds the blocks."""
+        ...
+
+    def put(self, key: bytes, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def get(self, key: bytes) -> dict[str, torch.Tensor] | None:
+        """The tensors stored under ``key``; None when missing or damaged."""
+        ...
+
+    def share(self) -> None:
+        """One more user (a fork of the sequence)."""
+        ...
 
     def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        """One user fewer; the last one's release deletes the blocks."""
+        ...
 
 
-class OffloadLayer(PagedLayer):
+def quest_bounds(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of every block's largest attention logit (before scaling): [N].
+
+    query: [Hq, q, D]; summaries: [N, 2, H, D] (per-channel key minimum and maximum per KV head).
+    For any key k inside a block's box, q . k <= sum_d max(q_d * min_d, q_d * max_d) (Quest).
+    """
+    heads = summaries.shape[2]
+    hq, q, d = query.shape
+    qg = query.reshape(heads, (hq // heads) * q, d).float()  # [H, G*q, D]: a KV head's queries
+    low, high = summaries[:, 0], summaries[:, 1]  # [N, H, D]
+    bound = torch.einsum("hgd,nhd->nhg", qg.clamp(min=0), high) + torch.einsum(
+        "hgd,nhd->nhg", qg.clamp(max=0), low
+    )  # [N, H, G*q]
+    return bound.amax(dim=(1, 2))
+
+
+class OffloadLayer(KVLayer):
+    """``sinks`` leading and ``recent`` trailing full blocks (plus the partly filled one) stay in
+    RAM; after each forward every other block goes to ``store``, leaving its Quest summary."""
+
+    kind: ClassVar[str] = "offload"
+
     def __init__(
         self,
         pool: KVPool,
         num_heads: int,
         head_dim: int,
         dtype: torch.dtype,
-        layer_idx: int,
-        offload: Offload,
-        store: OffloadStore,
+        layer_idx: int = 0,
+        window: int | None = None,
+        device: torch.device | None = None,
+        store: BlockStore | None = None,
+        sinks: int = 1,
+        recent: int = 2,
     ) -> None:
-        super().__init__(pool, num_heads, head_dim, None, dtype, layer_idx)
-        self.plan = offload
+        assert window is None and store is not None, "offload is for full-attention layers, given a store"
+        super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
+        self.blocks = BlockList(pool, num_heads, head_dim, dtype, None, None, self.device)
         self.store = store
+        self.sinks, self.recent = sinks, recent
         self.room: int | None = None  # bytes this layer may hold in RAM (None: no limit)
         self._tag = torch.randint(0, 2**62, (1,)).item()  # names this layer's files apart from forks'
         self._files: list[bytes] = []  # store keys of the offloaded blocks, in position order
@@ -61,8 +96,32 @@ class OffloadLayer(PagedLayer):
         self.reads = 0  # blocks read back from the store
 
     @property
+    def table(self) -> BlockTable:
+        return self.blocks.table
+
+    def parts(self) -> dict[str, BlockList]:
+        return {"": self.blocks}
+
+    @property
+    def held(self) -> int:
+        return self.blocks.held
+
+    @property
+    def seq_length(self) -> int:
+        return self.blocks.length
+
+    @property
+    def resident_blocks(self) -> int:
+        """Most blocks held in RAM during a forward (sinks, recent, partial, a chunk of ``recent``)."""
+        return self.sinks + 2 * self.recent + 1
+
+    @property
     def num_offloaded(self) -> int:
         return len(self._files)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.blocks.block_bytes
 
     @property
     def summary_bytes(self) -> int:
@@ -72,15 +131,33 @@ class OffloadLayer(PagedLayer):
     def nbytes(self) -> int:
         size = self.pool.manager.size_of
         return (
-            super().nbytes
+            self.blocks.nbytes
             + sum(size(b) for b in self._summaries)
             + sum(size(b) for b in self._fetched.values())
         )
 
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.blocks.append(k, v)
+
+    def past(self) -> Past:
+        return self.blocks.past()
+
+    def cost_of_blocks(self, n: int) -> int:
+        return self.blocks.cost_of_blocks(n)
+
+    def bytes_to_append(self, q: int) -> tuple[int, int]:
+        return self.blocks.bytes_to_append(q)
+
+    def max_bytes_to_grow(self, n: int) -> int:
+        return self.blocks.max_bytes_to_grow(n)
+
+    def set_room(self, room: int | None) -> None:
+        self.room = room
+
     def min_bytes(self, tokens: int) -> int:
         """RAM the layer needs to serve ``tokens`` in all: resident blocks, every summary, one fetch."""
-        blocks = -(-tokens // self.table.block_size)
-        return (self.plan.resident_blocks + 1) * self.block_bytes + blocks * self.summary_bytes
+        blocks = -(-tokens // self.blocks.block_size)
+        return (self.resident_blocks + 1) * self.block_bytes + blocks * self.summary_bytes
 
     def _capacity(self, resident_blocks: int) -> int:
         """Blocks that may be cached as fetched while ``resident_blocks`` are held."""
@@ -95,10 +172,10 @@ class OffloadLayer(PagedLayer):
                 break
             self.pool.decref(self._fetched.pop(index))
 
-    def prepare(self, q: int) -> None:
-        """Before a forward of ``q`` tokens: refuse if the room cannot serve the sequence that long
-        (``KVBudgetError``, nothing allocated); drop fetched blocks the new tokens need room for."""
-        tokens = self.table.length + q
+    def before_forward(self, q: int) -> None:
+        """Refuse if the room cannot serve the sequence that long (``KVBudgetError``, nothing
+        allocated); drop fetched blocks the new tokens need room for."""
+        tokens = self.seq_length + q
         if self.room is not None and self.min_bytes(tokens) > self.room:
             raise KVBudgetError(
                 self.min_bytes(tokens),
@@ -107,20 +184,20 @@ class OffloadLayer(PagedLayer):
                 what=f"offload: layer {self.layer_idx} serving {tokens} tokens (resident blocks, a "
                 "summary per block, a fetch)",
             )
-        after = self.table.plan_append(q, None).blocks_after
+        after = self.blocks.table.plan_append(q, None).blocks_after
         self._shrink(self._capacity(after))
 
-    def offload_old(self) -> None:
-        """After a forward: every block but the sinks and the recent ones goes to the store."""
-        table, bs = self.table, self.table.block_size
-        tail = self.plan.recent + (0 if table.last_fill == bs else 1)
-        while len(table.block_ids) > self.plan.sinks + tail:
-            i = self.plan.sinks
+    def after_forward(self) -> None:
+        """Every block but the sinks and the recent ones goes to the store."""
+        table, bs = self.blocks.table, self.blocks.block_size
+        tail = self.recent + (0 if table.last_fill == bs else 1)
+        while len(table.block_ids) > self.sinks + tail:
+            i = self.sinks
             block = self.pool.tensor(table.block_ids[i])  # [2, H, bs, D]
             box = torch.stack([block[0].amin(dim=1), block[0].amax(dim=1)]).float()  # [2, H, D]
             key = hashlib.blake2b(f"{self._tag}:{len(self._files)}".encode(), digest_size=16).digest()
-            self.store.disk.put(key, {"block": block})
-            self.drop_block(i)
+            self.store.put(key, {"block": block})
+            self.blocks.drop_block(i)
             summary = self.pool.allocate_raw(self.summary_bytes, block.device)
             self.pool.tensor(summary).view(torch.float32).view(2, self.num_heads, self.head_dim).copy_(box)
             self._files.append(key)
@@ -136,7 +213,7 @@ class OffloadLayer(PagedLayer):
         bound for ``query`` ([1, Hq, q, D]), fetched into RAM as needed; None if none is offloaded."""
         if not self._files:
             return None
-        capacity = min(self._capacity(len(self.table.block_ids)), self.num_offloaded)
+        capacity = min(self._capacity(len(self.blocks.table.block_ids)), self.num_offloaded)
         if capacity < 1:
             raise KVBudgetError(
                 self.block_bytes, 0, self.room, what=f"layer {self.layer_idx}'s offloaded retrieval"
@@ -153,14 +230,14 @@ class OffloadLayer(PagedLayer):
         if index in self._fetched:
             self._fetched.move_to_end(index)
             return self._fetched[index]
-        found = self.store.disk.get(self._files[index])
-        if found is None or "block" not in found[0]:
+        found = self.store.get(self._files[index])
+        if found is None or "block" not in found:
             raise CorruptCacheError(
                 f"offloaded KV block {index} of layer {self.layer_idx} is missing or damaged in "
-                f"{self.store.folder}; it cannot be recomputed within this request"
+                f"{self.store.where}; it cannot be recomputed within this request"
             )
         block_id = self.pool.allocate(self.num_heads, self.head_dim, self.dtype, self.device)
-        self.pool.tensor(block_id).copy_(found[0]["block"])
+        self.pool.tensor(block_id).copy_(found["block"])
         self._fetched[index] = block_id
         self.reads += 1
         return block_id
@@ -171,16 +248,19 @@ class OffloadLayer(PagedLayer):
         assert all(0 <= i < len(self._files) for i in self._fetched)
 
     def copy_to(self, pool: KVPool) -> OffloadLayer:
-        new = super().copy_to(pool)
-        assert isinstance(new, OffloadLayer)
+        new = copy.copy(self)
+        new.pool = pool
+        new.blocks = self.blocks.copy_to(pool)
         new._tag = torch.randint(0, 2**62, (1,)).item()
-        new._files = list(self._files)  # the files never change: shared through the store
+        new._files = list(self._files)  # the files never change: shared through the store (the cache
+        # counts its users)
         new._summaries = []
         for summary in self._summaries:
             copy_id = pool.allocate_raw(self.summary_bytes, self.device)
             pool.tensor(copy_id).copy_(self.pool.tensor(summary))
             new._summaries.append(copy_id)
         new._fetched = OrderedDict()  # fetched again as needed
+        self._copy_state(new)
         return new
 
     def release(self) -> None:

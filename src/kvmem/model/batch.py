@@ -1,0 +1,256 @@
+"""One model forward over several sequences, each in its own ``KVMemCache``: a flattened batch.
+
+The scheduled tokens of every sequence are laid end to end in one row (``input_ids`` [1, N]),
+each with its own position, as transformers' own continuous batching does: the projections and
+MLPs see no padding. ``ForwardBatch`` is the transformers ``Cache`` for that call; its
+``update`` writes each sequence's new keys and values into the sequence's own layer (after
+taking the layer's ``Past``: what the new queries may attend to, as views of pool blocks), and
+kvmem's attention function (``kvmem.model.attention``) calls ``attend``:
+
+- sequences computing one token (decoding) attend together in one SDPA call: each sequence's
+  past blocks, its new token and padding are concatenated into a row of [B, H, T, D], in one
+  ``torch.cat`` per layer, and a mask hides each row's padding and unfilled slots;
+- a sequence computing several tokens (a prefill chunk) attends on its own, with a causal mask
+  (and its sliding window), so a long chunk does not pad every decoding row to its length.
+
+Quantized blocks are decoded inside the layer being computed (one decode for every quantized
+block of the batch) and dropped after it: no second full-precision copy is kept. The gather is
+a copy of each sequence's held keys and values per layer (what ``DynamicCache`` also copies with
+``torch.cat`` at every step); a fused kernel reading blocks in place would avoid it.
+
+The model gets a placeholder 4-D ``attention_mask``: transformers then skips building masks of
+its own (which would be sized for one sequence), and kvmem's attention builds each row's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from kvmem.model.attention import sdpa
+from kvmem.model.cache import KVMemCache
+from kvmem.model.cache_arg import cache_kwargs
+from kvmem.model.past import Past, decode_packed
+
+
+class Observer(Protocol):
+    """Sees each layer's queries and the keys they attended to (compression scorers' statistics)."""
+
+    def observe(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        scaling: float,
+        valid: torch.Tensor | None,
+    ) -> None:
+        """query: [1, Hq, q, D]; keys: [1, H, T + q, D] (held then new); valid: [H, T + q] or None."""
+        ...
+
+
+class Row(NamedTuple):
+    """One sequence's part of a forward: the tokens it computes, at positions after what it holds."""
+
+    cache: KVMemCache
+    tokens: list[int]
+    observer: Observer | None = None
+    all_logits: bool = False  # logits for every token (else only the last one's)
+
+
+class ForwardBatch(Cache):
+    """The transformers ``Cache`` of one forward over ``rows`` (see the module docstring)."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        super().__init__(layers=[])
+        self.rows = rows
+        self.sizes = [len(row.tokens) for row in rows]
+        self.starts = [0]
+        for size in self.sizes[:-1]:
+            self.starts.append(self.starts[-1] + size)
+        self._pasts: dict[int, list[Past]] = {}
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return 0  # positions are given per token
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [1, H, N, D], the rows' new tokens end to end
+        pasts = []
+        for row, start, size in zip(self.rows, self.starts, self.sizes):
+            layer = row.cache.kv_layers[layer_idx]
+            layer.is_initialized = True
+            pasts.append(layer.past())  # before writing: a sliding layer may drop what these queries see
+            layer.write(key_states[0, :, start : start + size], value_states[0, :, start : start + size])
+        self._pasts[layer_idx] = pasts
+        return key_states, value_states
+
+    def attend(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Each row's queries over its own past and new tokens: query [1, Hq, N, D] -> [1, N, Hq, D]."""
+        pasts = self._pasts.pop(layer_idx)
+        window = self.rows[0].cache.spec.windows[layer_idx]
+        for b, (row, start, size) in enumerate(zip(self.rows, self.starts, self.sizes)):
+            fetched = row.cache.kv_layers[layer_idx].retrieve(query[:, :, start : start + size])
+            if fetched is not None:  # offloaded blocks chosen for these queries, all in their past
+                pasts[b] = pasts[b].prepend(fetched[0][0], fetched[1][0])
+        decode_packed(pasts)
+        out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, Hq, D]
+        single = [b for b, size in enumerate(self.sizes) if size == 1]
+        if single:
+            self._attend_single(single, pasts, query, key, value, scaling, out)
+        for b, size in enumerate(self.sizes):
+            if size > 1:
+                self._attend_chunk(b, pasts[b], query, key, value, scaling, window, out)
+        for b, row in enumerate(self.rows):
+            if row.observer is not None:
+                self._observe(b, row.observer, layer_idx, pasts[b], query, key, scaling)
+        return out.unsqueeze(0)
+
+    def _attend_single(
+        self,
+        rows: list[int],
+        pasts: list[Past],
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Rows computing one token each, in one padded SDPA call."""
+        heads, dim = key.shape[1], key.shape[3]
+        slots = [pasts[b].slots for b in rows]
+        t = max(slots) + 1
+        zeros = key.new_zeros(heads, t, dim)
+        parts_k: list[torch.Tensor] = []
+        parts_v: list[torch.Tensor] = []
+        for b, n in zip(rows, slots):
+            start = self.starts[b]
+            parts_k += pasts[b].keys  # type: ignore[arg-type]  # decoded: no None left
+            parts_v += pasts[b].values  # type: ignore[arg-type]
+            parts_k.append(key[0, :, start : start + 1])
+            parts_v.append(value[0, :, start : start + 1])
+            if t - n - 1:
+                parts_k.append(zeros[:, : t - n - 1])
+                parts_v.append(zeros[:, : t - n - 1])
+        # [H, B*T, D] -> [B, H, T, D]: row b is sequence b's past, its new token, padding
+        keys = torch.cat(parts_k, dim=1).view(heads, len(rows), t, dim).transpose(0, 1)
+        values = torch.cat(parts_v, dim=1).view(heads, len(rows), t, dim).transpose(0, 1)
+        device = query.device
+        lo = torch.tensor([pasts[b].lo for b in rows], device=device).view(-1, 1)
+        count = torch.tensor([pasts[b].count for b in rows], device=device).view(-1, 1)
+        new = torch.tensor(slots, device=device).view(-1, 1)
+        slot = torch.arange(t, device=device).view(1, t)
+        mask = ((slot >= lo) & (slot < lo + count)) | (slot == new)  # [B, T]
+        groups = query.shape[1] // heads
+        if any(pasts[b].valid is not None for b in rows):  # per-head padding: [B, Hq, T]
+            per_head = mask.unsqueeze(1).repeat(1, query.shape[1], 1)
+            for i, b in enumerate(rows):
+                valid = pasts[b].valid
+                if valid is not None:
+                    per_head[i, :, : valid.shape[1]] &= valid.repeat_interleave(groups, dim=0)
+            attn_mask = per_head.unsqueeze(2)  # [B, Hq, 1, T]
+        else:
+            attn_mask = mask.view(len(rows), 1, 1, t)
+        index = torch.tensor([self.starts[b] for b in rows], device=device)
+        q = query[0].index_select(1, index).transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
+        result = sdpa(q, keys, values, attn_mask, scaling)  # [B, Hq, 1, D]
+        out.index_copy_(0, index, result[:, :, 0])
+
+    def _attend_chunk(
+        self,
+        b: int,
+        past: Past,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        window: int | None,
+        out: torch.Tensor,
+    ) -> None:
+        """One row computing several tokens: causal among them, and within its window if any."""
+        start, size = self.starts[b], self.sizes[b]
+        new_k = key[0, :, start : start + size]
+        new_v = value[0, :, start : start + size]
+        keys = torch.cat([*past.keys, new_k], dim=1) if past.keys else new_k  # type: ignore[list-item]
+        values = torch.cat([*past.values, new_v], dim=1) if past.values else new_v  # type: ignore[list-item]
+        n = keys.shape[1] - size  # slots before the new tokens
+        device = query.device
+        slot = torch.arange(n + size, device=device).view(1, -1)
+        i = torch.arange(size, device=device).view(-1, 1)
+        seen = (slot >= past.lo) & (slot < past.lo + past.count)
+        new = (slot >= n) & (slot - n <= i)
+        if window is not None:  # a query sees the last `window` positions, itself included
+            seen = seen & (slot - past.lo > past.count + i - window)
+            new = new & (i - (slot - n) < window)
+        mask = seen | new  # [q, T]
+        if past.valid is not None:
+            groups = query.shape[1] // key.shape[1]
+            valid = torch.ones((key.shape[1], n + size), dtype=torch.bool, device=device)
+            valid[:, : past.valid.shape[1]] = past.valid
+            attn_mask = (mask.unsqueeze(0) & valid.repeat_interleave(groups, dim=0).unsqueeze(1)).unsqueeze(0)
+        else:
+            attn_mask = mask.view(1, 1, size, n + size)
+        q = query[:, :, start : start + size]  # [1, Hq, q, D]
+        result = sdpa(q, keys.unsqueeze(0), values.unsqueeze(0), attn_mask, scaling)  # [1, Hq, q, D]
+        out[start : start + size] = result[0].transpose(0, 1)
+
+    def _observe(
+        self,
+        b: int,
+        observer: Observer,
+        layer_idx: int,
+        past: Past,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scaling: float,
+    ) -> None:
+        start, size = self.starts[b], self.sizes[b]
+        new_k = key[:, :, start : start + size]
+        valid = None
+        if past.count:
+            held, _ = past.dense()  # [H, count, D]
+            keys = torch.cat([held.unsqueeze(0), new_k], dim=2)
+            if past.valid is not None:
+                ones = torch.ones((key.shape[1], size), dtype=torch.bool, device=key.device)
+                valid = torch.cat([past.valid[:, past.lo :], ones], dim=1)
+        else:
+            keys = new_k
+        observer.observe(layer_idx, query[:, :, start : start + size], keys, scaling, valid)
+
+
+def forward(model: PreTrainedModel, rows: list[Row]) -> list[torch.Tensor]:
+    """One model forward over ``rows``; each row's logits (float32): [q, V] if it asked for all
+    of them, else [V] for its last token. The rows' caches hold the new tokens afterwards."""
+    device = rows[0].cache.device
+    ids: list[int] = []
+    positions: list[int] = []
+    keep: list[int] = []
+    for row in rows:
+        past = row.cache.num_tokens
+        first = len(ids)
+        ids += row.tokens
+        positions += range(past, past + len(row.tokens))
+        keep += range(first, len(ids)) if row.all_logits else [len(ids) - 1]
+    batch = ForwardBatch(rows)
+    out = model(
+        input_ids=torch.tensor([ids], dtype=torch.long, device=device),  # [1, N]
+        position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+        attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),  # placeholder, see above
+        **cache_kwargs(model, batch),
+        use_cache=True,
+        logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+        kvmem_batch=batch,
+    )
+    logits = out.logits[0].float()  # [K, V]
+    results, offset = [], 0
+    for row in rows:
+        n = len(row.tokens) if row.all_logits else 1
+        part = logits[offset : offset + n]
+        results.append(part if row.all_logits else part[0])
+        offset += n
+    return results

@@ -1,0 +1,288 @@
+"""``BlockList``: one run of tokens of one layer, in pool blocks — the storage every layer kind is made of.
+
+It keeps a ``BlockTable`` and, per block, views of its keys and values ([H, bs, D]) or, once the
+block is full and the list has a block format, its packed bytes. Views are kept rather than
+re-sliced at every step: making thousands of views per step costs more than reading the blocks.
+
+With ``keep`` set (a sliding window), blocks whose tokens all fell out of the last ``keep`` are
+freed as new tokens arrive: real memory returned. With a block format (``Quantizer``), a full
+block is replaced by its quantized bytes as soon as the next block starts, so the last, partly
+filled block is the full-precision residual.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from kvmem.kv.pool import KVPool, block_nbytes
+from kvmem.kv.table import BlockTable
+from kvmem.model.format import Quantizer
+from kvmem.model.past import Past
+
+
+class BlockList:
+    """Tokens ``[table.start, table.length)`` of one layer (``num_heads`` heads) in ``pool`` blocks.
+
+    Mutators (``append``, ``compact``, ``drop_block``, ``adopt``, ``add_block``, ``release``) keep
+    the table, the views and the pool's reference counts in step; ``check`` verifies that.
+    """
+
+    def __init__(
+        self,
+        pool: KVPool,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        fmt: Quantizer | None = None,
+        keep: int | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.pool = pool
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.dtype = dtype
+        self.device = device if device is not None else torch.device("cpu")
+        self.fmt = fmt
+        self.layout: Any = None if fmt is None else fmt.layout(num_heads, pool.block_size, head_dim)
+        self.keep = keep  # tokens a later query may still attend to (None: all)
+        self.table = BlockTable(pool.block_size)
+        # A quantized block has None in `keys` / `values` and its byte buffer in `packed`.
+        self.keys: list[torch.Tensor | None] = []
+        self.values: list[torch.Tensor | None] = []
+        self.packed: list[torch.Tensor | None] = []
+
+    @property
+    def block_size(self) -> int:
+        return self.table.block_size
+
+    @property
+    def held(self) -> int:
+        return self.table.num_held
+
+    @property
+    def length(self) -> int:
+        return self.table.length
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of a full-precision block."""
+        return block_nbytes(self.num_heads, self.head_dim, self.block_size, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        size = self.pool.manager.size_of
+        return sum(size(b) for b in self.table.block_ids)
+
+    def check(self) -> None:
+        self.table.check()
+        assert len(self.keys) == len(self.values) == len(self.packed) == len(self.table.block_ids)
+
+    # --- writing
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens after the held ones: k, v [H, q, D]."""
+        table, bs = self.table, self.block_size
+        plan = table.plan_append(k.shape[1], self.keep)
+        for _ in range(plan.drop_blocks):
+            self.pool.decref(table.block_ids.pop(0))
+            del self.keys[0], self.values[0], self.packed[0]
+            table.start += bs
+        table.length += plan.skip_tokens
+        if not table.block_ids:
+            table.start = table.length
+        k, v = k[:, plan.skip_tokens :], v[:, plan.skip_tokens :]
+        written, q = 0, k.shape[1]
+        while written < q:
+            fill = table.last_fill
+            if not table.block_ids or fill == bs:
+                if table.block_ids and self.fmt is not None and self.packed[-1] is None:
+                    self._quantize_last()
+                self._new_block()
+                fill = 0
+            n = min(bs - fill, q - written)
+            last_k, last_v = self.keys[-1], self.values[-1]
+            assert last_k is not None and last_v is not None
+            last_k[:, fill : fill + n] = k[:, written : written + n]
+            last_v[:, fill : fill + n] = v[:, written : written + n]
+            written += n
+            table.length += n
+
+    def _new_block(self) -> None:
+        block_id = self.pool.allocate(self.num_heads, self.head_dim, self.dtype, self.device)
+        self.table.block_ids.append(block_id)
+        block = self.pool.tensor(block_id)  # [2, H, bs, D]
+        self.keys.append(block[0])
+        self.values.append(block[1])
+        self.packed.append(None)
+
+    def _quantize_last(self) -> None:
+        """The last block is full: replace it with its quantized form (the residual moves on)."""
+        assert self.fmt is not None
+        keys, values = self.keys[-1], self.values[-1]
+        assert keys is not None and values is not None
+        block_id = self.pool.allocate_raw(self.layout.nbytes, keys.device)
+        packed = self.pool.tensor(block_id)
+        self.fmt.encode(keys, values, self.layout, packed)
+        self.pool.decref(self.table.block_ids[-1])
+        self.table.block_ids[-1] = block_id
+        self.keys[-1] = self.values[-1] = None
+        self.packed[-1] = packed
+
+    # --- reading
+    def past(self, last: int | None = None) -> Past:
+        """The held tokens (only the ``last`` ones if given) as views, for attention."""
+        if not self.table.block_ids:
+            return Past.empty(self.dtype)
+        bs = self.block_size
+        skip = 0 if last is None else max(0, self.held - last)
+        first, lo = divmod(skip, bs)
+        packed = [(i, b) for i, b in enumerate(self.packed[first:]) if b is not None]
+        return Past(
+            self.keys[first:],
+            self.values[first:],
+            lo,
+            self.held - skip,
+            self.dtype,
+            packed,
+            self.fmt,
+            self.layout,
+        )
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the held tokens as new tensors: [H, T, D] each."""
+        if not self.table.block_ids:
+            empty = torch.empty((self.num_heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
+            return empty, empty
+        return self.past().dense()
+
+    # --- sizes
+    def cost_of_blocks(self, n: int) -> int:
+        """Most bytes held with ``n`` blocks: with a block format, all but the last are quantized,
+        plus one quantized block while the next full one is being converted."""
+        if self.layout is None or n == 0:
+            return n * self.block_bytes
+        return n * self.layout.nbytes + self.block_bytes
+
+    def bytes_to_append(self, q: int) -> tuple[int, int]:
+        """(bytes held now, bytes held after appending ``q`` tokens in one forward), counting
+        full-precision blocks (an upper bound with a block format)."""
+        blocks_after = self.table.plan_append(q, self.keep).blocks_after
+        return len(self.table.block_ids) * self.block_bytes, blocks_after * self.block_bytes
+
+    def max_bytes_to_grow(self, n: int) -> int:
+        """Most bytes held while ``n`` more tokens arrive, in chunks of any size.
+
+        A window's first block always still holds a token of the window, so a sliding list holds
+        at most ``keep + block_size - 1`` tokens, however they came.
+        """
+        bs = self.block_size
+        blocks = -(-(self.held + n) // bs)
+        if self.keep is not None:
+            blocks = min(blocks, -(-(self.keep + bs - 1) // bs))
+        return self.cost_of_blocks(max(blocks, len(self.table.block_ids)))
+
+    # --- eviction
+    @torch.inference_mode()
+    def compact(
+        self,
+        keep: torch.Tensor,
+        kept_keys: torch.Tensor | None = None,
+        kept_values: torch.Tensor | None = None,
+    ) -> None:
+        """Keep only the slots ``keep`` ([H, k], ascending per head) and free the blocks left over.
+
+        Slot ``j`` of head ``h`` becomes ``keep[h, j]`` (or ``kept_keys[h, j]`` / ``kept_values[h, j]``
+        when given, e.g. after merging). The kept tokens move to the front of the list's own
+        blocks, so no block is allocated (quantized lists re-store them); emptied blocks are freed.
+        """
+        assert self.keep is None, "sliding windows are bounded by their window"
+        heads, k = keep.shape
+        keys, values = self.dense()  # [H, T, D]
+        index = keep.unsqueeze(-1).expand(heads, k, self.head_dim)
+        kept_k = keys.gather(1, index) if kept_keys is None else kept_keys  # [H, k, D]
+        kept_v = values.gather(1, index) if kept_values is None else kept_values
+        table, bs = self.table, self.block_size
+        if self.fmt is not None:  # re-store the kept tokens (full blocks are quantized again)
+            length = table.length
+            self.release()
+            self.table.start = self.table.length = length - k
+            self.append(kept_k, kept_v)
+            return
+        needed = -(-k // bs)
+        for i in range(needed):
+            n = min(bs, k - i * bs)
+            keys_i, values_i = self.keys[i], self.values[i]
+            assert keys_i is not None and values_i is not None
+            keys_i[:, :n] = kept_k[:, i * bs : i * bs + n]
+            values_i[:, :n] = kept_v[:, i * bs : i * bs + n]
+        for block_id in table.block_ids[needed:]:
+            self.pool.decref(block_id)
+        del table.block_ids[needed:], self.keys[needed:], self.values[needed:], self.packed[needed:]
+        table.start = table.length - k  # held tokens stand for the last k of the positions seen
+
+    def drop_block(self, i: int) -> None:
+        """Free block ``i``, a full one: its tokens leave the list (the others keep their order)."""
+        table, bs = self.table, self.block_size
+        assert self.keep is None and (i < len(table.block_ids) - 1 or table.last_fill == bs)
+        self.pool.decref(table.block_ids.pop(i))
+        del self.keys[i], self.values[i], self.packed[i]
+        table.start += bs
+
+    # --- shared and saved blocks
+    def adopt(self, block_ids: list[int], start: int, length: int) -> None:
+        """Hold shared full blocks (a cached prefix) as this empty list's tokens ``[start, length)``.
+
+        Each block gets one more reference. They are never written: every block is full, so the
+        next token goes to a new block (a quantized block stays quantized).
+        """
+        assert not self.table.block_ids and (length - start) == len(block_ids) * self.block_size
+        for block_id in block_ids:
+            self.pool.incref(block_id)
+            block = self.pool.tensor(block_id)
+            self._hold(block, block.dtype == torch.uint8 and self.fmt is not None)
+            self.device = block.device
+        self.table.block_ids = list(block_ids)
+        self.table.start, self.table.length = start, length
+
+    def _hold(self, block: torch.Tensor, packed: bool) -> None:
+        self.keys.append(None if packed else block[0])  # block: [2, H, bs, D] or packed bytes
+        self.values.append(None if packed else block[1])
+        self.packed.append(block if packed else None)
+
+    def blocks(self) -> list[tuple[torch.Tensor, bool]]:
+        """Each block's pool tensor in table order, and whether it is quantized (a uint8 buffer)
+        rather than keys and values ([2, H, bs, D]). The tensors are the pool's: do not write."""
+        return [(self.pool.tensor(b), p is not None) for b, p in zip(self.table.block_ids, self.packed)]
+
+    def add_block(self, source: torch.Tensor, packed: bool) -> None:
+        """Append a block holding a copy of ``source`` (as ``blocks`` gives them), allocated in the
+        pool (may raise ``KVBudgetError``). The caller sets the table's ``start`` and ``length``
+        once every block is in (restoring saved state)."""
+        if packed:
+            block_id = self.pool.allocate_raw(source.numel(), self.device)
+        else:
+            block_id = self.pool.allocate(self.num_heads, self.head_dim, source.dtype, self.device)
+        self.table.block_ids.append(block_id)
+        block = self.pool.tensor(block_id)
+        block.copy_(source)
+        self._hold(block, packed)
+
+    def copy_to(self, pool: KVPool) -> BlockList:
+        """An independent copy whose blocks live in ``pool`` (same block size)."""
+        new = copy.copy(self)
+        new.pool = pool
+        new.table = BlockTable(pool.block_size)
+        new.keys, new.values, new.packed = [], [], []
+        new.layout = copy.copy(self.layout)  # per-layer state (BFP's permutation) is the copy's own
+        for source, packed in self.blocks():
+            new.add_block(source, packed)
+        new.table.start, new.table.length = self.table.start, self.table.length
+        return new
+
+    def release(self) -> None:
+        """Give every block back to the pool; the list is empty afterwards."""
+        for block_id in self.table.block_ids:
+            self.pool.decref(block_id)
+        self.table = BlockTable(self.pool.block_size)
+        self.keys, self.values, self.packed = [], [], []
