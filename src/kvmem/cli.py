@@ -15,6 +15,7 @@ from kvmem.bench import cli as bench_cli
 from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
+from kvmem.model.dtype import CHOICES as DTYPE_CHOICES
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
 from kvmem.tiers import cli as cache_cli
 
@@ -121,6 +122,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE})",
     )
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill forward (default 512)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights and KV cache: auto (default: bfloat16 where the CPU computes it natively, AMX or "
+        "AVX512-BF16, or on a GPU; else float32), float32 or bfloat16",
+    )
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, …")
 
 
 def _sampling_args(p: argparse.ArgumentParser, default_new_tokens: int = 128) -> None:
@@ -155,6 +164,7 @@ def _validate(args: argparse.Namespace) -> None:
             prefix_cache=getattr(args, "prefix_cache", False),
             disk_cache=getattr(args, "disk_cache", None),
             disk_cache_max=getattr(args, "disk_cache_max", None),
+            dtype=args.dtype,
         )
     for name in ("max_new_tokens", "block_size", "prefill_chunk"):
         value = getattr(args, name, None)
@@ -197,6 +207,8 @@ def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         prefix_cache=getattr(args, "prefix_cache", False),
         disk_cache=disk,
         disk_cache_max=getattr(args, "disk_cache_max", None),
+        dtype=args.dtype,
+        device=args.device,
     )
 
 

@@ -9,6 +9,7 @@ from kvmem.compress.registry import make_policy
 from kvmem.errors import InvalidBudgetError
 from kvmem.kv.budget import parse_budget
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
+from kvmem.model.dtype import resolve_dtype
 from kvmem.model.registry import DEFAULT_MODEL
 from kvmem.prefix.cache import PrefixSharingError, can_share
 
@@ -28,6 +29,8 @@ class EngineConfig:
     ``reserve_new_tokens``: how many of a request's new tokens its admission sets aside (None:
     all of them, so nothing is ever preempted; a number admits more at once and preempts, by
     swapping to disk, when the running requests outgrow the pool).
+    ``dtype``: of the weights and the KV cache, ``auto`` (see ``kvmem.model.dtype``), ``float32``
+    or ``bfloat16``.
     """
 
     model: str = DEFAULT_MODEL
@@ -41,6 +44,7 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_batch_tokens: int = 1024
     reserve_new_tokens: int | None = None
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
@@ -65,6 +69,7 @@ class EngineConfig:
                 f"max_num_seqs ({self.max_num_seqs}) must be positive and max_batch_tokens "
                 f"({self.max_batch_tokens}) at least as large: every running sequence decodes each step"
             )
+        resolve_dtype(self.dtype)  # raises UnsupportedDtypeError
         if self.reserve_new_tokens is not None and self.reserve_new_tokens < 0:
             raise ValueError(f"reserve_new_tokens must be >= 0 or None, got {self.reserve_new_tokens}")
 

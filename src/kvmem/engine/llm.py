@@ -16,6 +16,7 @@ from kvmem.engine.result import GenerationResult
 from kvmem.engine.sampling import SamplingParams
 from kvmem.engine.sequence import Sequence
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE, KVPool
+from kvmem.model.dtype import resolve_dtype
 from kvmem.model.loader import LoadedModel, load_model
 from kvmem.model.spec import ModelSpec
 from kvmem.prefix.cache import PrefixCache
@@ -45,8 +46,14 @@ class LLM:
         max_num_seqs: int = 16,
         max_batch_tokens: int = 1024,
         reserve_new_tokens: int | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
     ) -> None:
+        """``dtype`` and ``device`` apply to a model loaded by name or path (``"auto"``: see
+        ``kvmem.model.dtype``); a ``LoadedModel`` is used in the dtype and on the device it has."""
         name = model if isinstance(model, str) else model.name
+        if not isinstance(model, str):
+            dtype = str(model.spec.dtype).removeprefix("torch.")
         self.config = EngineConfig(
             name,
             kv_budget,
@@ -59,8 +66,13 @@ class LLM:
             max_num_seqs,
             max_batch_tokens,
             reserve_new_tokens,
+            dtype,
         )
-        self.loaded = load_model(model) if isinstance(model, str) else model
+        if isinstance(model, str):
+            device = device or "cpu"
+            self.loaded = load_model(model, resolve_dtype(dtype, device), device)
+        else:
+            self.loaded = model
         self.engine = Engine(self.loaded, self.config)
 
     @property

@@ -71,6 +71,8 @@ class ForwardBatch(Cache):
         for size in self.sizes[:-1]:
             self.starts.append(self.starts[-1] + size)
         self._pasts: dict[int, list[Past]] = {}
+        self._masks: dict[tuple[tuple[int, int, int], ...], torch.Tensor] = {}
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return 0  # positions are given per token
@@ -125,7 +127,7 @@ class ForwardBatch(Cache):
         heads, dim = key.shape[1], key.shape[3]
         slots = [pasts[b].slots for b in rows]
         t = max(slots) + 1
-        zeros = key.new_zeros(heads, t, dim)
+        zeros = key.new_zeros(heads, t - min(slots) - 1, dim)  # the longest padding any row needs
         parts_k: list[torch.Tensor] = []
         parts_v: list[torch.Tensor] = []
         for b, n in zip(rows, slots):
@@ -140,26 +142,49 @@ class ForwardBatch(Cache):
         # [H, B*T, D] -> [B, H, T, D]: row b is sequence b's past, its new token, padding
         keys = torch.cat(parts_k, dim=1).view(heads, len(rows), t, dim).transpose(0, 1)
         values = torch.cat(parts_v, dim=1).view(heads, len(rows), t, dim).transpose(0, 1)
-        device = query.device
-        lo = torch.tensor([pasts[b].lo for b in rows], device=device).view(-1, 1)
-        count = torch.tensor([pasts[b].count for b in rows], device=device).view(-1, 1)
-        new = torch.tensor(slots, device=device).view(-1, 1)
-        slot = torch.arange(t, device=device).view(1, t)
-        mask = ((slot >= lo) & (slot < lo + count)) | (slot == new)  # [B, T]
-        groups = query.shape[1] // heads
-        if any(pasts[b].valid is not None for b in rows):  # per-head padding: [B, Hq, T]
-            per_head = mask.unsqueeze(1).repeat(1, query.shape[1], 1)
-            for i, b in enumerate(rows):
-                valid = pasts[b].valid
-                if valid is not None:
-                    per_head[i, :, : valid.shape[1]] &= valid.repeat_interleave(groups, dim=0)
-            attn_mask = per_head.unsqueeze(2)  # [B, Hq, 1, T]
-        else:
-            attn_mask = mask.view(len(rows), 1, 1, t)
-        index = torch.tensor([self.starts[b] for b in rows], device=device)
+        attn_mask = self._single_mask(rows, pasts, slots, t, heads, query.shape[1] // heads, query.device)
+        index = self._index(rows, query.device)
         q = query[0].index_select(1, index).transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
         result = sdpa(q, keys, values, attn_mask, scaling)  # [B, Hq, 1, D]
         out.index_copy_(0, index, result[:, :, 0])
+
+    def _single_mask(
+        self,
+        rows: list[int],
+        pasts: list[Past],
+        slots: list[int],
+        t: int,
+        heads: int,
+        groups: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """[B, 1 or Hq, 1, T] bool: each row's held slots and its new token. Layers whose rows hold
+        the same slots (every full-attention layer of an uncompressed batch) share one mask."""
+        shape = tuple((pasts[b].lo, pasts[b].count, n) for b, n in zip(rows, slots))
+        ragged = any(pasts[b].valid is not None for b in rows)
+        if not ragged and shape in self._masks:
+            return self._masks[shape]
+        lo = torch.tensor([lo for lo, _, _ in shape], device=device).view(-1, 1)
+        count = torch.tensor([count for _, count, _ in shape], device=device).view(-1, 1)
+        new = torch.tensor(slots, device=device).view(-1, 1)
+        slot = torch.arange(t, device=device).view(1, t)
+        mask = ((slot >= lo) & (slot < lo + count)) | (slot == new)  # [B, T]
+        if not ragged:
+            self._masks[shape] = mask.view(len(rows), 1, 1, t)
+            return self._masks[shape]
+        per_head = mask.unsqueeze(1).repeat(1, groups * heads, 1)  # [B, Hq, T]
+        for i, b in enumerate(rows):
+            valid = pasts[b].valid
+            if valid is not None:  # query heads of a group share their KV head's padding
+                per_head[i, :, : valid.shape[1]] &= valid.repeat_interleave(groups, dim=0)
+        return per_head.unsqueeze(2)
+
+    def _index(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        """Positions of ``rows``' tokens in the flattened batch (the same at every layer)."""
+        key = tuple(rows)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor([self.starts[b] for b in rows], device=device)
+        return self._indices[key]
 
     def _attend_chunk(
         self,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvmem.errors import ModelNotFoundError
+from kvmem.model.dtype import resolve_dtype
 from kvmem.model.identity import model_identity
 from kvmem.model.registry import EMBEDDED, EmbeddedModel, embedded_names
 from kvmem.model.spec import ModelSpec
@@ -51,14 +52,20 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kvmem"
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load an embedded model (``smollm2-135m``, ``gemma3-270m``), a model folder or a ``.gguf`` file.
+def load_model(
+    name_or_path: str, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """Load an embedded model (``smollm2-135m``, ``gemma3-270m``), a model folder or a ``.gguf`` file,
+    in ``dtype`` (a torch dtype, ``"float32"``, ``"bfloat16"`` or ``"auto"``: see ``kvmem.model.dtype``)
+    on ``device``.
 
     Raises ``ModelNotFoundError`` (listing the embedded names) for anything else.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dtype = resolve_dtype(dtype, device)
     folder = resolve_model_folder(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    model.to(torch.device(device))  # type: ignore[arg-type]
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return LoadedModel(
