@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvmem.engine.llm import LLM
+from kvmem.model import kernel
 from kvmem.model.dtype import UnsupportedDtypeError, resolve_dtype
 from kvmem.model.loader import LoadedModel
 from kvmem.model.spec import ModelSpec
@@ -58,8 +59,26 @@ def test_dtype_names() -> None:
 
 
 @pytest.mark.real
-def test_smollm2_in_bfloat16_is_token_identical_to_transformers(smollm2: LoadedModel) -> None:
+def test_smollm2_in_bfloat16_matches_transformers(smollm2: LoadedModel) -> None:
+    """Through PyTorch's attention (what transformers runs) kvmem is transformers, token for token.
+    The compiled kernel sums in float32 where SDPA rounds to bfloat16, and bfloat16 logits tie
+    often (two best logits equal); its tokens must match up to the first such near-tie."""
     bf16 = in_bf16(smollm2)
     llm = LLM(bf16)
     ids = llm.encode("The three primary colors are")
-    assert llm.generate(ids, max_new_tokens=16).token_ids == reference(bf16, ids, 16)
+    out = bf16.model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=16,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    expected = out.sequences[0, len(ids) :].tolist()
+    with kernel.disabled():
+        assert llm.generate(ids, max_new_tokens=16).token_ids == expected
+    got = llm.generate(ids, max_new_tokens=16).token_ids
+    differ = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    if differ is not None:
+        top = torch.topk(out.scores[differ][0].float(), 2).values
+        step = 2.0 ** (torch.floor(torch.log2(top[0].abs())) - 7)  # one bfloat16 step at that logit
+        assert float(top[0] - top[1]) <= float(step), f"tokens differ at step {differ}, not at a near-tie"

@@ -60,6 +60,12 @@ class BlockLayout:
     def nbytes(self) -> int:
         return 2 * 2 * (self.key_stats + self.value_stats) + self.key_codes + self.value_codes
 
+    @property
+    def kernel_geometry(self) -> tuple[int, int, int, int, int]:
+        """What kvmem's compiled attention needs to decode this layout in place (``kvmem.model.kernel``):
+        heads, block size, bits, key group, value group."""
+        return (self.heads, self.block_size, self.bits, self.key_group, self.value_group)
+
 
 @dataclass(frozen=True)
 class KIVI:

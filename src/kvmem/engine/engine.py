@@ -89,6 +89,7 @@ class Engine:
         kv_budget: int | str | None = None,
         request_id: str | None = None,
         sequence: Sequence | None = None,
+        ignore_eos: bool = False,
     ) -> str:
         """Queue a request; return its id. ``prompt`` is text or token ids; or give a ``sequence``
         whose pending tokens are the prompt (a chat turn: the sequence stays the caller's).
@@ -96,6 +97,7 @@ class Engine:
         ``policy``: a policy name for this request (default: the engine's; None: no policy).
         ``kv_budget``: this request's byte share of the pool, for a policy that evicts or offloads
         (default: an equal share); without such a policy, a cap its whole growth must fit.
+        ``ignore_eos``: generate ``max_new_tokens`` whatever comes (benchmarks, as vLLM's option).
 
         Raises ``PromptTooLongError``, ``KVBudgetError`` (it could never fit, even alone) and
         ``ValueError`` / ``InvalidBudgetError`` for bad arguments, before anything is queued.
@@ -126,7 +128,7 @@ class Engine:
             params or SamplingParams(),
             max_new_tokens,
             StopMatcher(self.loaded.tokenizer, tuple(stop)),
-            frozenset(_eos_ids(self.loaded)),  # read per request, as generate() does
+            frozenset() if ignore_eos else frozenset(_eos_ids(self.loaded)),  # read per request
             owns_sequence=owned,
         )
         try:

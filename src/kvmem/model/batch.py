@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from kvmem.model import kernel
 from kvmem.model.attention import sdpa
 from kvmem.model.cache import KVMemCache
 from kvmem.model.cache_arg import cache_kwargs
@@ -100,13 +101,22 @@ class ForwardBatch(Cache):
             fetched = row.cache.kv_layers[layer_idx].retrieve(query[:, :, start : start + size])
             if fetched is not None:  # offloaded blocks chosen for these queries, all in their past
                 pasts[b] = pasts[b].prepend(fetched[0][0], fetched[1][0])
-        decode_packed(pasts)
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, Hq, D]
         single = [b for b, size in enumerate(self.sizes) if size == 1]
-        if single:
+        geometry = kernel.usable([pasts[b] for b in single], query) if single else None
+        if geometry is not None:  # blocks read in place by the compiled kernel
+            index = self._index(single, query.device)
+            q = query[0].index_select(1, index).transpose(0, 1)  # [B, Hq, D]
+            new_k = key[0].index_select(1, index).transpose(0, 1)  # [B, H, D]
+            new_v = value[0].index_select(1, index).transpose(0, 1)
+            result = kernel.decode(q, new_k, new_v, [pasts[b] for b in single], scaling, geometry)
+            out.index_copy_(0, index, result)
+        elif single:
+            decode_packed([pasts[b] for b in single])
             self._attend_single(single, pasts, query, key, value, scaling, out)
         for b, size in enumerate(self.sizes):
             if size > 1:
+                decode_packed([pasts[b]])
                 self._attend_chunk(b, pasts[b], query, key, value, scaling, window, out)
         for b, row in enumerate(self.rows):
             if row.observer is not None:

@@ -19,6 +19,22 @@ import torch
 
 from kvmem.model.format import Quantizer
 
+# Where a part lies, for the compiled attention (``kvmem.model.kernel``): kind (0 full precision,
+# 1 a quantized block's buffer), key pointer (or buffer), value pointer, slots, head stride.
+SegmentRef = tuple[int, int, int, int, int]
+FULL, PACKED = 0, 1
+
+
+def dense_ref(keys: torch.Tensor, values: torch.Tensor) -> SegmentRef:
+    """The ref of keys and values [H, n, D] laid out token-major within each head."""
+    d = keys.shape[2]
+    assert keys.stride()[1:] == (d, 1) and values.stride() == keys.stride(), "a part needs [H, n, D] rows"
+    return (FULL, keys.data_ptr(), values.data_ptr(), keys.shape[1], keys.stride(0))
+
+
+def packed_ref(buffer: torch.Tensor, block_size: int) -> SegmentRef:
+    return (PACKED, buffer.data_ptr(), 0, block_size, 0)
+
 
 @dataclass
 class Past:
@@ -34,6 +50,7 @@ class Past:
     fmt: Quantizer | None = None  # decodes ``packed``
     layout: Any = None
     valid: torch.Tensor | None = None  # [H, lo + count] bool, False on a head's padding; None: all valid
+    refs: list[SegmentRef] = field(default_factory=list)  # one per part
 
     @classmethod
     def empty(cls, dtype: torch.dtype) -> Past:
@@ -60,6 +77,7 @@ class Past:
             packed,
             self.fmt,
             self.layout,
+            refs=[dense_ref(keys, values), *self.refs],
         )
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 from kvmem.kv.pool import KVPool, block_nbytes
 from kvmem.kv.table import BlockTable
 from kvmem.model.format import Quantizer
-from kvmem.model.past import Past
+from kvmem.model.past import Past, SegmentRef, dense_ref, packed_ref
 
 
 class BlockList:
@@ -52,6 +52,7 @@ class BlockList:
         self.keys: list[torch.Tensor | None] = []
         self.values: list[torch.Tensor | None] = []
         self.packed: list[torch.Tensor | None] = []
+        self.refs: list[SegmentRef] = []  # where each block lies, for the compiled attention
 
     @property
     def block_size(self) -> int:
@@ -77,7 +78,8 @@ class BlockList:
 
     def check(self) -> None:
         self.table.check()
-        assert len(self.keys) == len(self.values) == len(self.packed) == len(self.table.block_ids)
+        n = len(self.table.block_ids)
+        assert len(self.keys) == len(self.values) == len(self.packed) == len(self.refs) == n
 
     # --- writing
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -86,7 +88,7 @@ class BlockList:
         plan = table.plan_append(k.shape[1], self.keep)
         for _ in range(plan.drop_blocks):
             self.pool.decref(table.block_ids.pop(0))
-            del self.keys[0], self.values[0], self.packed[0]
+            del self.keys[0], self.values[0], self.packed[0], self.refs[0]
             table.start += bs
         table.length += plan.skip_tokens
         if not table.block_ids:
@@ -111,10 +113,7 @@ class BlockList:
     def _new_block(self) -> None:
         block_id = self.pool.allocate(self.num_heads, self.head_dim, self.dtype, self.device)
         self.table.block_ids.append(block_id)
-        block = self.pool.tensor(block_id)  # [2, H, bs, D]
-        self.keys.append(block[0])
-        self.values.append(block[1])
-        self.packed.append(None)
+        self._hold(self.pool.tensor(block_id), packed=False)  # [2, H, bs, D]
 
     def _quantize_last(self) -> None:
         """The last block is full: replace it with its quantized form (the residual moves on)."""
@@ -128,6 +127,7 @@ class BlockList:
         self.table.block_ids[-1] = block_id
         self.keys[-1] = self.values[-1] = None
         self.packed[-1] = packed
+        self.refs[-1] = packed_ref(packed, self.block_size)
 
     # --- reading
     def past(self, last: int | None = None) -> Past:
@@ -147,6 +147,7 @@ class BlockList:
             packed,
             self.fmt,
             self.layout,
+            refs=self.refs[first:],
         )
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,6 +220,7 @@ class BlockList:
         for block_id in table.block_ids[needed:]:
             self.pool.decref(block_id)
         del table.block_ids[needed:], self.keys[needed:], self.values[needed:], self.packed[needed:]
+        del self.refs[needed:]
         table.start = table.length - k  # held tokens stand for the last k of the positions seen
 
     def drop_block(self, i: int) -> None:
@@ -226,7 +228,7 @@ class BlockList:
         table, bs = self.table, self.block_size
         assert self.keep is None and (i < len(table.block_ids) - 1 or table.last_fill == bs)
         self.pool.decref(table.block_ids.pop(i))
-        del self.keys[i], self.values[i], self.packed[i]
+        del self.keys[i], self.values[i], self.packed[i], self.refs[i]
         table.start += bs
 
     # --- shared and saved blocks
@@ -249,6 +251,7 @@ class BlockList:
         self.keys.append(None if packed else block[0])  # block: [2, H, bs, D] or packed bytes
         self.values.append(None if packed else block[1])
         self.packed.append(block if packed else None)
+        self.refs.append(packed_ref(block, self.block_size) if packed else dense_ref(block[0], block[1]))
 
     def blocks(self) -> list[tuple[torch.Tensor, bool]]:
         """Each block's pool tensor in table order, and whether it is quantized (a uint8 buffer)
@@ -273,7 +276,7 @@ class BlockList:
         new = copy.copy(self)
         new.pool = pool
         new.table = BlockTable(pool.block_size)
-        new.keys, new.values, new.packed = [], [], []
+        new.keys, new.values, new.packed, new.refs = [], [], [], []
         new.layout = copy.copy(self.layout)  # per-layer state (BFP's permutation) is the copy's own
         for source, packed in self.blocks():
             new.add_block(source, packed)
@@ -285,4 +288,4 @@ class BlockList:
         for block_id in self.table.block_ids:
             self.pool.decref(block_id)
         self.table = BlockTable(self.pool.block_size)
-        self.keys, self.values, self.packed = [], [], []
+        self.keys, self.values, self.packed, self.refs = [], [], [], []

@@ -19,7 +19,7 @@ from kvmem.kv.pool import KVPool
 from kvmem.model.format import Quantizer
 from kvmem.model.layers.base import KVLayer
 from kvmem.model.layers.blocks import BlockList
-from kvmem.model.past import Past
+from kvmem.model.past import Past, dense_ref
 
 
 class MixedLayer(KVLayer):
@@ -85,6 +85,7 @@ class MixedLayer(KVLayer):
             packed,
             high.fmt,
             high.layout,
+            refs=[dense_ref(low_k, low_v), *high.refs],
         )
 
     def scoring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -22,7 +22,7 @@ from kvmem.kv.pool import KVPool
 from kvmem.model.format import Quantizer
 from kvmem.model.layers.base import KVLayer
 from kvmem.model.layers.blocks import BlockList
-from kvmem.model.past import Past
+from kvmem.model.past import Past, dense_ref
 
 
 class PerHeadLayer(KVLayer):
@@ -93,7 +93,8 @@ class PerHeadLayer(KVLayer):
         if not self.seq_length:
             return Past.empty(self.dtype)
         keys, values = self.gather()
-        return Past([keys], [values], 0, keys.shape[1], self.dtype, valid=self.valid())
+        valid, refs = self.valid(), [dense_ref(keys, values)]
+        return Past([keys], [values], 0, keys.shape[1], self.dtype, valid=valid, refs=refs)
 
     def scoring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         keys, values = self.gather()
