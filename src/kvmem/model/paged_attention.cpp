@@ -15,6 +15,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -37,6 +40,9 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
 }
 
 inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#endif
     uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1fu;
     uint32_t man = h & 0x3ffu;
@@ -188,6 +194,14 @@ void kivi_block(State& st, Scratch& sc, const Kivi& kv, const float* q, const ui
             int64_t stat = (static_cast<int64_t>(h) * D + d) * kv.kgroups + grp;
             unpack(kcodes + stat * kv.kbytes, kv.bits, kv.kgroup, codes + static_cast<size_t>(d) * bs + grp * kv.kgroup);
         }
+    float* ks = sc.kbuf.data();  // the head's key scales and zero points as floats: [kgroups, D] each
+    float* kz = ks + static_cast<size_t>(kv.kgroups) * D;
+    for (int d = 0; d < D; ++d)
+        for (int grp = 0; grp < kv.kgroups; ++grp) {
+            int64_t stat = (static_cast<int64_t>(h) * D + d) * kv.kgroups + grp;
+            ks[grp * D + d] = half_to_float(kscale[stat]);
+            kz[grp * D + d] = half_to_float(kzero[stat]);
+        }
     for (int g = 0; g < G; ++g) {
         float* lg = &sc.logits[static_cast<size_t>(g) * bs];
         std::fill(lg, lg + bs, 0.f);
@@ -195,15 +209,14 @@ void kivi_block(State& st, Scratch& sc, const Kivi& kv, const float* q, const ui
         for (int grp = 0; grp < kv.kgroups; ++grp) {
             int t0 = grp * kv.kgroup, t1 = t0 + kv.kgroup;
             if (t1 <= first || t0 >= last) continue;
-            float bias = 0.f;
+            float bias = dot(qg, kz + grp * D, D);
             for (int d = 0; d < D; ++d) {
-                int64_t stat = (static_cast<int64_t>(h) * D + d) * kv.kgroups + grp;
-                float a = qg[d] * half_to_float(kscale[stat]);
-                bias += qg[d] * half_to_float(kzero[stat]);
+                float a = qg[d] * ks[grp * D + d];
                 const float* c = codes + static_cast<size_t>(d) * bs;
 #pragma omp simd
                 for (int t = t0; t < t1; ++t) lg[t] += a * c[t];
             }
+#pragma omp simd
             for (int t = t0; t < t1; ++t) lg[t] += bias;
         }
     }

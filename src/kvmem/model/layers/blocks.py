@@ -95,6 +95,8 @@ class BlockList:
             table.start = table.length
         k, v = k[:, plan.skip_tokens :], v[:, plan.skip_tokens :]
         written, q = 0, k.shape[1]
+        if self.fmt is not None:
+            written = self._append_quantized(k, v)
         while written < q:
             fill = table.last_fill
             if not table.block_ids or fill == bs:
@@ -109,6 +111,58 @@ class BlockList:
             last_v[:, fill : fill + n] = v[:, written : written + n]
             written += n
             table.length += n
+
+    def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Fill the residual block, then store every input block that is complete and followed by
+        more tokens straight in its quantized form, encoded in one call with the residual if that
+        is full: no full-precision block is allocated for them. Tokens stored; the rest (fewer
+        than a block, at least one) goes to a new residual block."""
+        table, bs, q = self.table, self.block_size, k.shape[1]
+        written = 0
+        residual = bool(table.block_ids) and self.packed[-1] is None
+        if residual and table.last_fill < bs:
+            fill, last_k, last_v = table.last_fill, self.keys[-1], self.values[-1]
+            assert last_k is not None and last_v is not None
+            written = min(bs - fill, q)
+            last_k[:, fill : fill + written] = k[:, :written]
+            last_v[:, fill : fill + written] = v[:, :written]
+            table.length += written
+        complete = max(0, (q - written - 1) // bs)  # the input's last token stays in full precision
+        full_residual = residual and table.last_fill == bs and q > written
+        if complete == 0 and not full_residual:
+            return written
+        # [N, H, bs, D]: the full residual (if it is to be quantized now), then the complete input blocks
+        new_k = k[:, written : written + complete * bs].unflatten(1, (complete, bs)).transpose(0, 1)
+        new_v = v[:, written : written + complete * bs].unflatten(1, (complete, bs)).transpose(0, 1)
+        if full_residual:
+            new_k = torch.cat([self.keys[-1].unsqueeze(0), new_k])  # type: ignore[union-attr]
+            new_v = torch.cat([self.values[-1].unsqueeze(0), new_v])  # type: ignore[union-attr]
+        encoded = torch.empty((new_k.shape[0], self.layout.nbytes), dtype=torch.uint8, device=k.device)
+        assert self.fmt is not None
+        self.fmt.encode(new_k, new_v, self.layout, encoded)
+        ids = []
+        try:
+            for _ in range(new_k.shape[0]):
+                ids.append(self.pool.allocate_raw(self.layout.nbytes, k.device))
+        except BaseException:
+            for block_id in ids:
+                self.pool.decref(block_id)
+            raise
+        for block_id, data in zip(ids, encoded):
+            self.pool.tensor(block_id).copy_(data)
+        if full_residual:  # the residual block gives way to its quantized form
+            self.pool.decref(table.block_ids[-1])
+            table.block_ids[-1] = ids[0]
+            packed = self.pool.tensor(ids[0])
+            self.keys[-1] = self.values[-1] = None
+            self.packed[-1] = packed
+            self.refs[-1] = packed_ref(packed, bs)
+            ids = ids[1:]
+        for block_id in ids:
+            table.block_ids.append(block_id)
+            self._hold(self.pool.tensor(block_id), packed=True)
+        table.length += complete * bs
+        return written + complete * bs
 
     def _new_block(self) -> None:
         block_id = self.pool.allocate(self.num_heads, self.head_dim, self.dtype, self.device)
