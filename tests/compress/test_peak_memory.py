@@ -22,7 +22,7 @@ def rss():
 
 policy = None if sys.argv[1] == "none" else sys.argv[1]
 budget = None if sys.argv[2] == "none" else sys.argv[2]
-llm = kvmem.LLM("smollm2-135m", kv_budget=budget, policy=policy)
+llm = kvmem.LLM("smollm2-135m", kv_budget=budget, policy=policy, dtype="float32")  # the budget is sized for float32
 ids = llm.encode(long_text(20_000))[:1600]
 llm.generate(ids[:600], max_new_tokens=2)  # warm up the allocator and kernels
 gc.collect()
