@@ -48,8 +48,9 @@ def _seeded(cls: type[PreTrainedModel], config: object, seed: int) -> PreTrained
     return model
 
 
-def tiny_llama(seed: int = 0) -> LoadedModel:
-    """``seed`` picks the random weights: another seed is another model of the same shape."""
+def tiny_llama(seed: int = 0, context: int = 256) -> LoadedModel:
+    """``seed`` picks the random weights: another seed is another model of the same shape;
+    ``context``: its maximum positions."""
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -57,7 +58,7 @@ def tiny_llama(seed: int = 0) -> LoadedModel:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
     )
     return _loaded("tiny-llama", _seeded(LlamaForCausalLM, config, seed), byte_tokenizer(chat=True))
 

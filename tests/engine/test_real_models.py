@@ -11,6 +11,7 @@ from texts import SHORT_PROMPTS, long_prompt
 
 pytestmark = pytest.mark.real
 
+
 def reference(loaded: LoadedModel, ids: list[int], max_new_tokens: int) -> list[int]:
     out = loaded.model.generate(
         torch.tensor([ids]),

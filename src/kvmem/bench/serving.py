@@ -205,4 +205,3 @@ def describe(result: Throughput) -> str:
         f"{result.method}: {result.output_tokens_per_s:.1f} output tok/s, {result.requests_per_s:.3f} req/s"
         f"{running}{ttft} ({result.wall_s:.0f} s)"
     )
-

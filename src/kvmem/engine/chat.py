@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+    from transformers import PreTrainedTokenizerBase
+
     from kvmem.engine.llm import LLM
 
 PLAIN_STOP = "\nUser:"
@@ -87,17 +89,7 @@ class ChatSession:
         return self.llm.loaded.has_chat_template
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        if not messages:
-            return ""
-        if self.has_template:
-            return str(
-                self.llm.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=add_generation_prompt
-                )
-            )
-        # The plain format starts with the BOS token as text, as a tokenizer adds it to a prompt.
-        bos = self.llm.tokenizer.bos_token if self.llm.encode("")[:1] else ""
-        return (bos or "") + render_plain(messages, add_generation_prompt)
+        return render_chat(self.llm.tokenizer, self.has_template, messages, add_generation_prompt)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the conversation and its KV state to ``path``, atomically (``kvmem.tiers.session``);
@@ -114,6 +106,27 @@ class ChatSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    has_template: bool,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool,
+) -> str:
+    """The conversation as the model reads it: the tokenizer's chat template, or for a base model
+    without one the plain format (stop generating at ``PLAIN_STOP``)."""
+    if not messages:
+        return ""
+    if has_template:
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+    # The plain format starts with the BOS token as text, as a tokenizer adds it to a prompt.
+    bos = tokenizer.bos_token if tokenizer("", add_special_tokens=True)["input_ids"][:1] else ""
+    return (bos or "") + render_plain(messages, add_generation_prompt)
 
 
 def render_plain(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:

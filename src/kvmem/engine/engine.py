@@ -34,7 +34,8 @@ from kvmem.prefix.cache import PrefixCache
 from kvmem.tiers.disk import DiskTier
 from kvmem.tiers.swap import SwapSpace
 
-_DEFAULT = object()  # "the engine's policy" for add_request
+ENGINE_POLICY = object()  # "the engine's policy" for add_request
+UNBOUNDED_NEW_TOKENS = 4096  # max_new_tokens=None for a model that states no context length
 
 
 class Engine:
@@ -65,9 +66,9 @@ class Engine:
         self.steps = 0
 
     # --- requests
-    def policy_for(self, name: object = _DEFAULT) -> Policy | None:
+    def policy_for(self, name: object = ENGINE_POLICY) -> Policy | None:
         """The engine's policy, or the named one (built once, under the engine's budget)."""
-        if name is _DEFAULT:
+        if name is ENGINE_POLICY:
             return self.policy
         key = "" if name is None else str(name)
         if key not in self._policies:
@@ -80,11 +81,11 @@ class Engine:
     def add_request(
         self,
         prompt: str | Seq[int] | None,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = 128,
         params: SamplingParams | None = None,
         stop: Seq[str] = (),
         *,
-        policy: object = _DEFAULT,
+        policy: object = ENGINE_POLICY,
         cache_salt: str | None = None,
         kv_budget: int | str | None = None,
         request_id: str | None = None,
@@ -98,11 +99,13 @@ class Engine:
         ``kv_budget``: this request's byte share of the pool, for a policy that evicts or offloads
         (default: an equal share); without such a policy, a cap its whole growth must fit.
         ``ignore_eos``: generate ``max_new_tokens`` whatever comes (benchmarks, as vLLM's option).
+        ``max_new_tokens=None``: as many as the context leaves and the request's budget could ever
+        hold alone (a server's default when a client sets no limit).
 
         Raises ``PromptTooLongError``, ``KVBudgetError`` (it could never fit, even alone) and
         ``ValueError`` / ``InvalidBudgetError`` for bad arguments, before anything is queued.
         """
-        if max_new_tokens < 1:
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
@@ -121,6 +124,7 @@ class Engine:
                 self._share(chosen, share),
             )
             sequence.token_ids = self.encode(prompt if prompt is not None else "")
+        as_many_as_fit = max_new_tokens is None
         max_new_tokens = self._fit_context(sequence, max_new_tokens)
         request = Request(
             rid,
@@ -132,6 +136,8 @@ class Engine:
             owns_sequence=owned,
         )
         try:
+            if as_many_as_fit:
+                self._shrink_to_fit(request, share)
             self._check_fits(request, share)
         except BaseException:
             if owned:
@@ -154,7 +160,7 @@ class Engine:
         budget = self.pool.budget if self.pool.budget is not None else policy.budget.bytes
         return None if budget is None else budget // self.config.max_num_seqs
 
-    def _fit_context(self, sequence: Sequence, max_new_tokens: int) -> int:
+    def _fit_context(self, sequence: Sequence, max_new_tokens: int | None) -> int:
         context = self.loaded.spec.max_context
         if not sequence.token_ids:
             raise ValueError("the prompt is empty")
@@ -163,7 +169,26 @@ class Engine:
                 f"the prompt is {len(sequence.token_ids)} tokens but {self.config.model} holds at most "
                 f"{context} tokens of context"
             )
+        if max_new_tokens is None:
+            return context - len(sequence.token_ids) if context else UNBOUNDED_NEW_TOKENS
         return min(max_new_tokens, context - len(sequence.token_ids)) if context else max_new_tokens
+
+    def _shrink_to_fit(self, request: Request, share: int | None) -> None:
+        """Lower ``request.max_new_tokens`` to the most the pool (and its share) could ever hold."""
+        seq = request.seq
+        if seq.policy is not None and seq.policy.caps(seq.cache):
+            return  # the policy keeps it within its share however long it runs
+        caps = [c for c in (share, self.pool.budget) if c is not None]
+        if not caps or seq.bytes_to_grow(request.new_tokens_left()) <= min(caps):
+            return
+        low, high = 1, request.max_new_tokens  # bytes_to_grow is monotone in the tokens
+        while low < high:
+            request.max_new_tokens = mid = (low + high + 1) // 2
+            if seq.bytes_to_grow(request.new_tokens_left()) <= min(caps):
+                low = mid
+            else:
+                high = mid - 1
+        request.max_new_tokens = low  # if even one does not fit, _check_fits refuses it
 
     def _check_fits(self, request: Request, share: int | None) -> None:
         """Refuse up front what could never fit: alone in the pool, or within its own cap."""

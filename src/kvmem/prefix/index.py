@@ -104,8 +104,12 @@ class PrefixIndex:
         """Bytes of every block the index names (some may be shared with live sequences)."""
         return sum(self._nbytes(e) for e in self._entries.values())
 
+    def unused_blocks(self) -> list[int]:
+        """Blocks the index alone references: cached, used by no sequence."""
+        return [b for e in self._entries.values() for b in self._unused(e)]
+
     def reclaimable(self) -> int:
-        return sum(self.manager.size_of(b) for e in self._entries.values() for b in self._unused(e))
+        return sum(self.manager.size_of(b) for b in self.unused_blocks())
 
     def touch(self, keys: Iterable[bytes]) -> None:
         """Mark these entries used now, together (a chain just published or adopted)."""

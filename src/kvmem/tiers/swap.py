@@ -97,4 +97,3 @@ class SwapSpace:
 def _metadata(data: bytes) -> dict[str, str]:
     size = int.from_bytes(data[:8], "little")
     return dict(json.loads(data[8 : 8 + size]).get("__metadata__", {}))
-
