@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmem.bench import cli as bench_cli
 from kvmem.engine.config import EngineConfig
@@ -17,6 +17,7 @@ from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_b
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.dtype import CHOICES as DTYPE_CHOICES
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
+from kvmem.server import cli as serve_cli
 from kvmem.tiers import cli as cache_cli
 
 if TYPE_CHECKING:
@@ -78,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cli.add_parser(sub)
     cache_cli.add_parser(sub)
+    serve_cli.add_parser(sub, _serve_args)
     return parser
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _reuse_args(p)
 
 
 def _reuse_args(p: argparse.ArgumentParser) -> None:
@@ -192,7 +199,8 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyped-def]
+    """The LLM the options describe; ``engine``: more ``LLM`` arguments (``serve``'s)."""
     from kvmem.engine.llm import LLM
 
     disk = getattr(args, "disk_cache", None)
@@ -209,6 +217,7 @@ def _make_llm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         disk_cache_max=getattr(args, "disk_cache_max", None),
         dtype=args.dtype,
         device=args.device,
+        **engine,
     )
 
 
@@ -372,6 +381,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "bench": bench_cli.cmd_bench,
     "cache": cache_cli.cmd_cache,
+    "serve": lambda args: serve_cli.cmd_serve(args, _make_llm),
 }
 
 if __name__ == "__main__":

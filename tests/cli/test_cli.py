@@ -163,3 +163,22 @@ def test_bench_help_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["bench", *args, "--out", "/nonexistent/never-written"]) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "--port must be in 1..65535"),
+        (["--max-body-size", "lots"], "lots"),
+        (["--kv-budget=-1MiB"], "budget"),
+    ],
+)
+def test_serve_refuses_bad_options_before_loading(args: list[str], message: str) -> None:
+    assert_usage_error(kvmem("serve", *args), message)
+
+
+def test_serve_help_explains_the_server() -> None:
+    proc = kvmem("serve", "--help")
+    assert proc.returncode == 0
+    for option in ("--api-key", "--isolate-tenants", "--max-waiting", "--drain-timeout", "--disk-cache"):
+        assert option in proc.stdout

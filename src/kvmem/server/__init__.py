@@ -1,0 +1,1 @@
+"""kvmem serve: an OpenAI-compatible HTTP server over the engine."""

@@ -1,0 +1,139 @@
+"""``kvmem serve``: its arguments and the command. ``kvmem.cli`` registers it."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvmem.errors import KVMemError, format_bytes
+from kvmem.kv.budget import parse_budget
+
+if TYPE_CHECKING:
+    from kvmem.engine.llm import LLM
+
+
+class ServeUsageError(KVMemError, ValueError):
+    """A ``kvmem serve`` option out of range."""
+
+
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """``common`` adds the model, budget, policy and reuse options every command shares."""
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics) on one KV pool",
+        description="Serve POST /v1/completions and /v1/chat/completions (streamed with server-sent "
+        "events or not), GET /v1/models, /health and /metrics (Prometheus) from one engine: every "
+        "request shares one KV pool under --kv-budget, batched continuously. SIGTERM or Ctrl-C "
+        "drains: no new requests, running ones finish (up to --drain-timeout), the disk tier is "
+        "flushed, exit 0.",
+    )
+    common(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 (repeatable: one key per tenant)",
+    )
+    serve.add_argument(
+        "--isolate-tenants",
+        action="store_true",
+        help="derive each request's cache salt from its API key, so tenants never share cached blocks",
+    )
+    serve.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    serve.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding at once (default 16)")
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=1024,
+        help="tokens one forward computes at most (default 1024)",
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=64,
+        help="requests queued beyond --max-num-seqs; more get 429 with Retry-After (default 64)",
+    )
+    serve.add_argument(
+        "--reserve-new-tokens",
+        type=int,
+        default=128,
+        help="new tokens an admission sets aside per request (default 128); when running requests "
+        "outgrow the pool the newest is preempted to disk and resumed later. -1: reserve all of "
+        "max_tokens (never preempts, fewer at once)",
+    )
+    serve.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds a shutdown waits for running requests"
+    )
+    serve.add_argument(
+        "--max-body-size", default="4MiB", help="largest request body accepted (default 4MiB; 413 above)"
+    )
+
+
+def validate(args: argparse.Namespace) -> None:
+    for name in ("max_num_seqs", "max_batch_tokens"):
+        if getattr(args, name) < 1:
+            raise ServeUsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_waiting < 0 or args.reserve_new_tokens < -1 or args.drain_timeout < 0:
+        raise ServeUsageError("--max-waiting and --drain-timeout must be >= 0, --reserve-new-tokens >= -1")
+    if not 0 < args.port < 65536:
+        raise ServeUsageError(f"--port must be in 1..65535, got {args.port}")
+    parse_budget(args.max_body_size)  # raises InvalidBudgetError
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, object]:
+    """The ``LLM`` arguments ``serve`` adds to the common ones."""
+    return {
+        "max_num_seqs": args.max_num_seqs,
+        "max_batch_tokens": max(args.max_batch_tokens, args.max_num_seqs),
+        "reserve_new_tokens": None if args.reserve_new_tokens < 0 else args.reserve_new_tokens,
+    }
+
+
+def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
+    import uvicorn
+
+    from kvmem.server.app import ServeConfig, create_app
+    from kvmem.server.loop import EngineLoop
+    from kvmem.server.metrics import ServerMetrics
+
+    validate(args)
+    llm = make_llm(args, **engine_options(args))
+    config = ServeConfig(
+        model_name=args.served_model_name or args.model,
+        api_keys=tuple(args.api_key),
+        isolate_tenants=args.isolate_tenants,
+        max_waiting=args.max_waiting,
+        max_body_bytes=int(parse_budget(args.max_body_size) or 0),
+        drain_timeout_s=args.drain_timeout,
+    )
+    loop = EngineLoop(llm.engine, ServerMetrics(), config.max_waiting)
+    app = create_app(llm.loaded, loop, config)
+    budget = "unlimited" if llm.pool.budget is None else format_bytes(llm.pool.budget)
+    print(
+        f"kvmem serve: {config.model_name} ({str(llm.spec.dtype).removeprefix('torch.')}) on "
+        f"http://{args.host}:{args.port} | KV budget {budget} | policy {args.policy or 'none'} | "
+        f"prefix cache {'on' if llm.prefix is not None else 'off'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    # uvicorn drains on SIGTERM / SIGINT, restores the handlers it found and raises the signal
+    # again; with these no-op handlers in place a drained server then exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=max(1, int(args.drain_timeout)),
+    )
+    return 0

@@ -1,0 +1,45 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``, and which status
+each of kvmem's errors gets."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError
+from kvmem.server import protocol as api
+from kvmem.server.loop import DrainingError, QueueFullError
+
+
+class APIError(Exception):
+    """An error answered as ``status`` with OpenAI's body; ``headers`` go with it (Retry-After)."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, **headers: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+
+    def response(self) -> JSONResponse:
+        response = error_response(self.status, self.message, self.kind, self.code)
+        response.headers.update(self.headers)
+        return response
+
+
+def error_response(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
+    body = api.ErrorResponse(error=api.ErrorBody(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def error_code(error: BaseException | None) -> str | None:
+    if isinstance(error, KVBudgetError):
+        return "kv_budget_exceeded"
+    if isinstance(error, PromptTooLongError):
+        return "context_length_exceeded"
+    return None
+
+
+def request_failed(error: BaseException | None) -> APIError:
+    """A request the engine ended without a result: the client's doing (400) or the server's (500)."""
+    if isinstance(error, KVMemError) and not isinstance(error, (QueueFullError, DrainingError)):
+        return APIError(400, str(error), "invalid_request_error", error_code(error))
+    return APIError(500, f"the request failed: {error}", "server_error")
