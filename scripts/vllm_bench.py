@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from kvmem.bench.load import run_load, wait_ready
+from kvmem.bench.load import run_load
+from kvmem.bench.servers import running, vllm_serve
 from kvmem.bench.serving import token_slices
 from kvmem.kv.budget import parse_budget
 from kvmem.model.loader import load_model, resolve_model_folder
@@ -41,7 +39,6 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--budget", default="256MiB")
-    parser.add_argument("--block-size", type=int, default=128, help="vLLM's KV block size in tokens")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
@@ -54,41 +51,16 @@ def main() -> None:
     folder = resolve_model_folder(args.model)
     budget = parse_budget(args.budget)
     assert budget is not None
-    element = 4 if args.dtype == "float32" else 2
-    per_token = 2 * loaded.spec.num_layers * loaded.spec.num_kv_heads * loaded.spec.head_dim * element
-    blocks = budget // (args.block_size * per_token)
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB reserved; the blocks actually used are overridden below
-        "VLLM_CPU_OMP_THREADS_BIND": "0",  # a 2-core machine: no core reserved for the front end
-        "HF_HUB_OFFLINE": "1",
-    }
-    command = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(folder), "--served-model-name", args.model,
-        "--host", "127.0.0.1", "--port", str(PORT),
-        "--dtype", args.dtype, "--enforce-eager", "--max-model-len", "4096",
-        "--max-num-seqs", str(args.concurrency),
-        "--block-size", str(args.block_size), "--num-gpu-blocks-override", str(blocks),
-    ]  # fmt: skip
-    log = open(ROOT / "results-local-vllm.log", "w")  # held for the server's life
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        if not wait_ready("127.0.0.1", PORT, 600):
-            sys.exit(f"vLLM did not start; see {log.name}")
+    command = vllm_serve(python, folder, args.model, loaded.spec, PORT, budget, args.dtype, args.concurrency)
+    with running(command, PORT, ROOT / "results-local-vllm.log"):
         started = time.perf_counter()
         result = run_load("127.0.0.1", PORT, args.model, prompts, args.new_tokens, args.concurrency)
         print(f"vLLM: {result.output_tokens_per_s:.1f} output tok/s in {time.perf_counter() - started:.0f} s")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-        log.close()
     out = args.out or ROOT / "results" / "engine" / args.model
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": " ".join(["scripts/vllm_bench.py", *sys.argv[1:]]),
-        "kv_blocks": blocks,
-        "kv_bytes": blocks * args.block_size * per_token,
+        "kv_bytes": command.kv_bytes,
         "dtype": args.dtype,
     }
     (out / "vllm.json").write_text(json.dumps({"meta": meta, "result": dataclasses.asdict(result)}, indent=1))

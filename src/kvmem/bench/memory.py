@@ -1,7 +1,8 @@
-"""Peak resident memory of this process while a piece of work runs, sampled from ``/proc``.
+"""Peak resident memory while a piece of work runs, sampled from ``/proc``: of this process, or of
+another process and all its descendants (a server and its workers).
 
 ``resource.getrusage`` only knows the peak of the whole process's life; a benchmark needs the peak
-of each run, so a thread samples ``/proc/self/statm`` every few milliseconds. Where ``/proc`` is
+of each run, so a thread samples ``/proc/<pid>/statm`` every few milliseconds. Where ``/proc`` is
 missing (not Linux) it reports 0.
 """
 
@@ -14,30 +15,52 @@ from types import TracebackType
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def rss_bytes() -> int:
-    """Resident bytes of this process now (0 where ``/proc`` is missing)."""
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident bytes of a process now (0 where ``/proc`` is missing or it is gone)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
         return 0
 
 
-class PeakRSS:
-    """``with PeakRSS() as peak: ...``; then ``peak.growth`` is the largest RSS above the start."""
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, from ``/proc/<pid>/task/*/children``."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return found
 
-    def __init__(self, interval: float = 0.005) -> None:
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants now (shared pages counted in each)."""
+    return sum(rss_bytes(p) for p in descendants(pid))
+
+
+class PeakRSS:
+    """``with PeakRSS() as peak: ...``; then ``peak.growth`` is the largest RSS above the start and
+    ``peak.peak`` the largest RSS. With ``pid``: of that process and its descendants."""
+
+    def __init__(self, interval: float = 0.005, pid: int | None = None) -> None:
         self.interval = interval
+        self._read = rss_bytes if pid is None else lambda: tree_rss_bytes(pid)
         self.start = self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, self._read())
 
     def __enter__(self) -> PeakRSS:
-        self.start = self.peak = rss_bytes()
+        self.start = self.peak = self._read()
         self._thread.start()
         return self
 
@@ -46,7 +69,7 @@ class PeakRSS:
     ) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, self._read())
 
     @property
     def growth(self) -> int:
