@@ -5,9 +5,19 @@ import torch
 
 from kvmem.compress.bfp import BlockFloat
 from kvmem.compress.kivi import KIVI
+from kvmem.compress.rotated import RotatedQuant
 from kvmem.model.format import Quantizer
 
-FORMATS = [KIVI(2), KIVI(4), KIVI(8), BlockFloat(4), BlockFloat(8), BlockFloat(4, reorder=False)]
+FORMATS = [
+    KIVI(2),
+    KIVI(4),
+    KIVI(8),
+    BlockFloat(4),
+    BlockFloat(8),
+    BlockFloat(4, reorder=False),
+    RotatedQuant(3, 2),
+    RotatedQuant(4, 4, "uniform"),
+]
 
 
 @pytest.mark.parametrize(

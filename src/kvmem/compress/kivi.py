@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.compress.groupquant import QuantizedTensor, dequantize, quantize
-from kvmem.compress.packing import SUPPORTED_BITS, packed_size
+from kvmem.compress.packing import packed_size
 from kvmem.errors import KVMemError
+
+KIVI_BITS = (2, 4, 8)  # the widths kvmem's compiled decode attention reads in place
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ class KIVI:
     group_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"KIVI bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.bits not in KIVI_BITS:
+            raise ValueError(f"KIVI bits must be one of {KIVI_BITS}, got {self.bits}")
 
     @property
     def name(self) -> str:

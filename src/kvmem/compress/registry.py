@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvmem.compress.allocator import ALLOCATORS, Uniform
 from kvmem.compress.bfp import BlockFloat
+from kvmem.compress.bits import describe_bits
 from kvmem.compress.budget import KVBudget
 from kvmem.compress.heads import AdaKV
 from kvmem.compress.kivi import KIVI
@@ -11,6 +12,7 @@ from kvmem.compress.merge import Merge
 from kvmem.compress.mixed import MixedPrecision
 from kvmem.compress.offload import Offload
 from kvmem.compress.policy import Policy
+from kvmem.compress.rotated import RotatedQuant, parse_rotated
 from kvmem.compress.scorer import Scorer
 from kvmem.compress.scorers.h2o import H2O
 from kvmem.compress.scorers.key_norm import KeyNorm
@@ -28,8 +30,27 @@ SCORERS: dict[str, type[Scorer]] = {
 
 
 QUANTIZERS: dict[str, Quantizer] = {
-    q.name: q for q in (KIVI(2), KIVI(4), KIVI(8), BlockFloat(4), BlockFloat(8))
+    q.name: q
+    for q in (
+        KIVI(2),
+        KIVI(4),
+        KIVI(8),
+        BlockFloat(4),
+        BlockFloat(8),
+        RotatedQuant(4, 4),
+        RotatedQuant(3, 3),
+        RotatedQuant(4, 2),
+        RotatedQuant(3, 2),
+        RotatedQuant(2, 2),
+        RotatedQuant(3, 3, "uniform"),
+    )
 }
+"""The quantizers listed by ``kvmem policies``; any ``rot…`` width pair is accepted (``find_quantizer``)."""
+
+
+def find_quantizer(name: str) -> Quantizer | None:
+    """A registered quantizer, or a rotated one of any widths (``rotk4v3``, ``rotu2``); else None."""
+    return QUANTIZERS.get(name) or parse_rotated(name)
 
 
 class UnknownPolicyError(KVMemError):
@@ -66,8 +87,8 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
             merges.append(Merge())
         elif part == AdaKV.name:
             heads.append(AdaKV())
-        elif part in QUANTIZERS:
-            quants.append(QUANTIZERS[part])
+        elif (quantizer := find_quantizer(part)) is not None:
+            quants.append(quantizer)
         elif part in ALLOCATORS:
             allocators.append(ALLOCATORS[part])
         else:
@@ -104,6 +125,6 @@ def describe_policies() -> list[tuple[str, str]]:
     rows.append((AdaKV.name, AdaKV.summary))
     rows.append((MixedPrecision.name, MixedPrecision.summary))
     rows.append((Merge.name, Merge.summary))
-    rows += [(name, q.summary) for name, q in QUANTIZERS.items()]
+    rows += [(name, f"{q.summary} ({describe_bits(q)})") for name, q in QUANTIZERS.items()]
     rows.append((Offload.name, Offload.summary))
     return rows

@@ -43,7 +43,7 @@ class Quantizer(Protocol[L]):
     def name(self) -> str: ...  # registry name, e.g. "kivi4"
 
     @property
-    def bits(self) -> int: ...  # bits of each element's code
+    def bits(self) -> float: ...  # nominal bits of each element's code (the mean of keys and values)
 
     @property
     def summary(self) -> str: ...  # one line for `kvmem policies`

@@ -1,0 +1,33 @@
+"""Bits per element: the unit low-bit KV formats are compared in, every byte of metadata included.
+
+An element is one scalar of a key or a value (``2 * heads * tokens * head_dim`` per layer).
+A format's full block costs ``layout.nbytes * 8 / (2 * H * bs * D)`` bits per element: codes,
+scales, zero points, means, exponents and permutations all count. A cache's figure also counts
+its full-precision last block and any tokens kept in the model's dtype: ``cache_bits``.
+"""
+
+from __future__ import annotations
+
+from kvmem.model.format import Quantizer
+
+REFERENCE_GEOMETRY = (3, 64, 64)  # SmolLM2-135M: 3 KV heads, head_dim 64, kvmem's 64-token blocks
+
+
+def block_bits(quantizer: Quantizer, heads: int, block_size: int, head_dim: int) -> float:
+    """Bits per element of one full block in ``quantizer``'s format, metadata included."""
+    layout = quantizer.layout(heads, block_size, head_dim)
+    return layout.nbytes * 8 / (2 * heads * block_size * head_dim)
+
+
+def cache_bits(kv_bytes: int, elements: int) -> float:
+    """Bits per element of a whole cache: the bytes it really holds over the elements it stands for."""
+    if elements <= 0:
+        raise ValueError(f"elements must be positive, got {elements}")
+    return kv_bytes * 8 / elements
+
+
+def describe_bits(quantizer: Quantizer) -> str:
+    """``"nominal 3.0 bits, 3.38 bits/element with metadata"`` at the reference geometry."""
+    heads, head_dim, block_size = REFERENCE_GEOMETRY
+    measured = block_bits(quantizer, heads, block_size, head_dim)
+    return f"nominal {float(quantizer.bits):g} bits, {measured:.2f} bits/element with metadata"
