@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean bench-peers bench-vllm
+.PHONY: demo test test-fast lint install clean bench-peers bench-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=10
+
+# The inner loop: the tiny random models only (tests marked `real` skipped). CI runs `make test`.
+test-fast: $(STAMP)
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/python -m pytest -q -m "not real" --durations=5
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts

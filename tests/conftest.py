@@ -44,3 +44,13 @@ def gemma3() -> LoadedModel:
 @pytest.fixture(scope="session", params=["smollm2", "gemma3"])
 def real(request: pytest.FixtureRequest) -> LoadedModel:
     return request.getfixturevalue(request.param)
+
+
+REAL_FIXTURES = {"smollm2", "gemma3", "real"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that take an embedded real model get the ``real`` marker (``make test-fast`` skips them)."""
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
