@@ -130,6 +130,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill forward (default 512)")
     p.add_argument(
+        "--compress-after-prompt",
+        metavar="PEAK",
+        default=None,
+        help="run each prompt at full size within PEAK bytes of KV (e.g. 512MiB), then compress it once to "
+        "--kv-budget with the whole prompt in view; default: compress chunk by chunk, never above the budget",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         choices=DTYPE_CHOICES,
@@ -217,6 +224,7 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
         disk_cache_max=getattr(args, "disk_cache_max", None),
         dtype=args.dtype,
         device=args.device,
+        compress_after_prompt=getattr(args, "compress_after_prompt", None),
         **engine,
     )
 

@@ -168,3 +168,16 @@ def test_the_engine_runs_on_the_model_s_device(llama: LoadedModel) -> None:
     rid = engine.add_request(list(range(3, 90)), max_new_tokens=8, kv_budget=32 * 1024)
     done = drive(engine)
     assert done[rid].result is not None and len(done[rid].result.token_ids) == 8
+
+
+def test_policy_none_means_the_full_cache_on_an_engine_with_a_policy(llama: LoadedModel) -> None:
+    """A request's ``policy=None`` (the server's ``kv_policy: "none"``) runs without compression,
+    even where the engine has a policy of its own."""
+    engine = Engine(llama, EngineConfig("tiny", None, policy="kivi4", block_size=BS))
+    plain = engine.add_request(list(range(3, 40)), max_new_tokens=8, policy=None)
+    default = engine.add_request(list(range(3, 40)), max_new_tokens=8)
+    assert engine.requests[plain].seq.policy is None
+    assert engine.requests[default].seq.policy is engine.policy
+    done = drive(engine)
+    alone = LLM(llama, block_size=BS).generate(list(range(3, 40)), max_new_tokens=8)
+    assert done[plain].result.token_ids == alone.token_ids  # type: ignore[union-attr]

@@ -37,6 +37,12 @@ class Policy:
 
     With no scorer nothing is evicted: the budget then refuses requests that do not fit, as
     without a policy, but counts the quantized block sizes.
+
+    ``after_prompt``: compress once after each prompt instead of chunk by chunk. A prefill of
+    several tokens runs at full size (the pool's budget bounds that transient peak) and nothing is
+    evicted until its last chunk has run; then every layer is cut to its capacity with the whole
+    prompt, and so the question at its end, in view (kvpress's way; SnapKV's observation window is
+    then the prompt's last queries). Decoding steps compress as usual.
     """
 
     scorer: Scorer | None
@@ -47,8 +53,11 @@ class Policy:
     heads: AdaKV | None = None
     mixed: MixedPrecision | None = None
     offload: Offload | None = None
+    after_prompt: bool = False
 
     def __post_init__(self) -> None:
+        if self.after_prompt and self.scorer is None:
+            raise ValueError("compressing after the prompt needs an eviction method (snapkv, h2o, …)")
         if self.offload is not None:
             others = (self.scorer, self.quant, self.merge, self.heads, self.mixed)
             if any(part is not None for part in others) or not isinstance(self.allocator, Uniform):
@@ -189,9 +198,13 @@ class Policy:
         capacities = self.capacities(cache)
         return None if not capacities else max(1, min(capacities.values()) // 2)
 
-    def before_forward(self, cache: KVMemCache, q: int) -> None:
+    def before_forward(self, cache: KVMemCache, q: int, defer: bool = False) -> None:
+        """Make room for a forward of ``q`` tokens (``defer``: a prompt chunk under ``after_prompt``,
+        which runs at full size)."""
         for layer in cache.kv_layers:
             layer.before_forward(q)
+        if defer:
+            return
         capacities = self.capacities(cache)
         if not capacities:
             return
@@ -203,9 +216,20 @@ class Policy:
             if layer.held + q > capacity:
                 self.evict(layer, max(capacity - max(q, slack), 1), capacity)
 
-    def after_forward(self, cache: KVMemCache) -> None:
+    def after_forward(self, cache: KVMemCache, defer: bool = False, prompt_end: bool = False) -> None:
+        """Compress after a forward. ``defer``: a prompt chunk under ``after_prompt``, not its last;
+        ``prompt_end``: its last, after which every layer is cut to its capacity."""
         for layer in cache.kv_layers:
             layer.after_forward()
+        if defer:
+            return
+        capacities = self.capacities(cache) if prompt_end else None
+        if capacities:  # the prompt ran at full size: down to every layer's capacity, with room to decode
+            for layer in _compressible(cache):
+                capacity = capacities[layer.layer_idx]
+                slack = max(1, min(cache.pool.block_size, capacity // 4))
+                if layer.held > capacity - slack:
+                    self.evict(layer, max(capacity - slack, 1), capacity)
         if self.budget.fraction is None or self.budget.fraction >= 1 or self.scorer is None:
             return  # 100%: nothing to take from any layer
         full = _compressible(cache)

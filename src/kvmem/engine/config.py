@@ -31,6 +31,10 @@ class EngineConfig:
     swapping to disk, when the running requests outgrow the pool).
     ``dtype``: of the weights and the KV cache, ``auto`` (see ``kvmem.model.dtype``), ``float32``
     or ``bfloat16``.
+    ``compress_after_prompt``: bytes (or ``"512MiB"``) — run each prompt at full size within this
+    transient peak, then compress it once to ``kv_budget`` with the whole prompt in view, instead of
+    chunk by chunk under the budget (the default, where the peak matters). The pool's hard cap is
+    this peak; a prompt whose full-size KV exceeds it is refused up front. Needs an eviction policy.
     """
 
     model: str = DEFAULT_MODEL
@@ -45,15 +49,30 @@ class EngineConfig:
     max_batch_tokens: int = 1024
     reserve_new_tokens: int | None = None
     dtype: str = "auto"
+    compress_after_prompt: int | str | None = None
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
+        peak = parse_budget(self.compress_after_prompt)  # raises InvalidBudgetError
+        if self.compress_after_prompt is not None:
+            if peak is None:
+                raise InvalidBudgetError("compress_after_prompt needs a peak in bytes, such as 512MiB")
+            if budget.bytes is not None and peak < budget.bytes:
+                raise InvalidBudgetError(
+                    f"compress_after_prompt's peak ({self.compress_after_prompt}) is below the KV budget "
+                    f"({self.kv_budget}): the prompt runs at full size first, then is compressed to it"
+                )
         if self.policy is None and (budget.fraction is not None or budget.tokens is not None):
             raise InvalidBudgetError(
                 f"a KV budget of {self.kv_budget!r} needs a compression policy (--policy); "
                 "without one give bytes, such as 64MiB"
             )
         policy = None if self.policy is None else make_policy(self.policy, budget)  # may raise
+        if self.compress_after_prompt is not None and (policy is None or policy.scorer is None):
+            raise InvalidBudgetError(
+                "compress_after_prompt needs an eviction policy (snapkv, h2o, …): it compresses the "
+                "prompt once it has run"
+            )
         parse_budget(self.disk_cache_max)  # raises InvalidBudgetError
         if self.shares_prefixes and not can_share(policy):
             raise PrefixSharingError(
@@ -84,3 +103,10 @@ class EngineConfig:
     @property
     def budget(self) -> KVBudget:
         return KVBudget.parse(self.kv_budget)
+
+    @property
+    def pool_budget(self) -> int | None:
+        """The pool's hard cap: the prompt peak when compressing after the prompt, else the budget's bytes."""
+        if self.compress_after_prompt is not None:
+            return parse_budget(self.compress_after_prompt)
+        return self.budget.bytes

@@ -8,6 +8,7 @@ budget, its own share of the pool (an equal share, ``budget / max_num_seqs``, un
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -48,9 +49,8 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.loaded = loaded
         self.config = config
-        budget = config.budget
-        self.pool = KVPool(PoolConfig(budget.bytes, config.block_size))
-        self.policy = None if config.policy is None else make_policy(config.policy, budget)
+        self.pool = KVPool(PoolConfig(config.pool_budget, config.block_size))
+        self.policy = None if config.policy is None else self._make_policy(config.policy)
         self._policies: dict[str, Policy | None] = {config.policy or "": self.policy}
         # every forward runs through kvmem's attention (elsewhere it is transformers' SDPA, unchanged)
         loaded.model.set_attn_implementation(register_attention())
@@ -66,13 +66,19 @@ class Engine:
         self.steps = 0
 
     # --- requests
+    def _make_policy(self, name: str) -> Policy:
+        policy = make_policy(name, self.config.budget)
+        if self.config.compress_after_prompt is not None and policy.scorer is not None:
+            policy = dataclasses.replace(policy, after_prompt=True)
+        return policy
+
     def policy_for(self, name: object = ENGINE_POLICY) -> Policy | None:
         """The engine's policy, or the named one (built once, under the engine's budget)."""
         if name is ENGINE_POLICY:
             return self.policy
         key = "" if name is None else str(name)
         if key not in self._policies:
-            policy = make_policy(key, self.config.budget)
+            policy = self._make_policy(key) if key else None
             if self.prefix is not None:
                 self.prefix.state(None, policy)  # raises PrefixSharingError for eviction policies
             self._policies[key] = policy
@@ -157,7 +163,7 @@ class Engine:
             return None
         if share is not None:
             return share
-        budget = self.pool.budget if self.pool.budget is not None else policy.budget.bytes
+        budget = policy.budget.bytes if policy.budget.bytes is not None else self.pool.budget
         return None if budget is None else budget // self.config.max_num_seqs
 
     def _fit_context(self, sequence: Sequence, max_new_tokens: int | None) -> int:

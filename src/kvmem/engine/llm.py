@@ -48,9 +48,11 @@ class LLM:
         reserve_new_tokens: int | None = None,
         dtype: str = "auto",
         device: str | None = None,
+        compress_after_prompt: int | str | None = None,
     ) -> None:
         """``dtype`` and ``device`` apply to a model loaded by name or path (``"auto"``: see
-        ``kvmem.model.dtype``); a ``LoadedModel`` is used in the dtype and on the device it has."""
+        ``kvmem.model.dtype``); a ``LoadedModel`` is used in the dtype and on the device it has.
+        ``compress_after_prompt``: a peak in bytes; see ``EngineConfig``."""
         name = model if isinstance(model, str) else model.name
         if not isinstance(model, str):
             dtype = str(model.spec.dtype).removeprefix("torch.")
@@ -67,6 +69,7 @@ class LLM:
             max_batch_tokens,
             reserve_new_tokens,
             dtype,
+            compress_after_prompt,
         )
         if isinstance(model, str):
             device = device or "cpu"

@@ -44,6 +44,7 @@ class Sequence:
     ) -> None:
         self.model = model
         self.byte_budget = byte_budget
+        self._in_prompt = self._prompt_end = False  # a prompt running at full size (Policy.after_prompt)
         # shared prefix blocks: adopted by `reuse_prefix`, completed blocks published after each forward
         self.prefix = prefix
         self.salt = salt
@@ -85,6 +86,7 @@ class Sequence:
         """Drop every block and start the cache anew: the tokens stay, all pending (recomputation)."""
         self.cache.release()
         self.cache = self._new_cache()
+        self._in_prompt = self._prompt_end = False
         if self.observer is not None:
             self.observer.cache = self.cache
         if self.prefix is not None:
@@ -118,6 +120,11 @@ class Sequence:
         A policy that evicts or offloads under a byte budget keeps the sequence within that budget.
         """
         growth = self.cache.bytes_to_grow(self.num_pending + extra_tokens)
+        if self.deferring:  # the prompt at full size first: that transient peak is reserved
+            return max(self.cache.bytes_to_grow(self.num_pending), self._capped(growth))
+        return self._capped(growth)
+
+    def _capped(self, growth: int) -> int:
         if self.policy is not None and self.policy.caps(self.cache):
             budget = self.policy.byte_budget(self.cache)
             assert budget is not None
@@ -132,6 +139,15 @@ class Sequence:
             return
         if self.policy.scorer is not None:
             self.policy.capacities(self.cache)  # raises if the budget cannot hold even a minimal cache
+        if self.deferring and self.pool.budget is not None:
+            peak = self.cache.bytes_to_grow(self.num_pending)
+            if peak > self.pool.budget - self.cache.nbytes:
+                raise KVBudgetError(
+                    peak,
+                    self.pool.budget - self.cache.nbytes,
+                    self.pool.budget,
+                    what=f"the {self.num_pending}-token prompt at full size, before it is compressed",
+                )
         if self.policy.offload is not None:
             shared = others if self.cache.byte_budget is None else 0
             self.policy.fit_offload(self.cache, len(self.token_ids) + extra_tokens, shared)
@@ -149,10 +165,18 @@ class Sequence:
                 needed, free, self.pool.budget, what=f"{self.num_pending + extra_tokens} more tokens"
             )
 
+    @property
+    def deferring(self) -> bool:
+        """In a prompt (several pending tokens) under a policy that compresses after the prompt."""
+        if self.policy is None or not self.policy.after_prompt:
+            return False
+        return self.num_pending > 1 or self._in_prompt
+
     def chunk_size(self, limit: int) -> int:
         """Tokens the next forward may compute, at most ``limit`` and the pending ones."""
         size = min(limit, self.num_pending)
-        if self.policy is not None:  # capacities may change as a policy learns (CAKE): sized anew
+        # capacities may change as a policy learns (CAKE): sized anew; a deferred prompt runs at full size
+        if self.policy is not None and not self.deferring:
             size = min(size, self.policy.max_chunk(self.cache) or size)
         if self.prefix is not None:  # sliding layers' blocks stay token-aligned (see PrefixCache)
             size = min([size] + [layer.keep for layer in self.cache.kv_layers if layer.keep])
@@ -161,14 +185,18 @@ class Sequence:
     def begin(self, size: int, all_logits: bool = False) -> Row:
         """Prepare a forward of the next ``size`` pending tokens (the policy makes room first)."""
         if self.policy is not None:
-            self.policy.before_forward(self.cache, size)
+            self._in_prompt = self.deferring
+            self._prompt_end = self._in_prompt and size == self.num_pending  # the prompt's last chunk
+            self.policy.before_forward(self.cache, size, defer=self._in_prompt)
         start = self.num_cached
         return Row(self.cache, self.token_ids[start : start + size], self.observer, all_logits)
 
     def end(self) -> None:
         """After the forward: the policy compresses, completed blocks are published for reuse."""
         if self.policy is not None:
-            self.policy.after_forward(self.cache)
+            defer = self._in_prompt and not self._prompt_end
+            self.policy.after_forward(self.cache, defer=defer, prompt_end=self._prompt_end)
+            self._in_prompt = defer
         if self.prefix is not None and self.prefix_state is not None:
             self.prefix.publish(self.cache, self.token_ids, self.prefix_state)
 
