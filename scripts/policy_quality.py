@@ -5,7 +5,9 @@ Usage: .venv/bin/python scripts/policy_quality.py [--model smollm2-135m] [--cont
 The context is prefilled under the policy with a byte budget of 50%, 25% and 10% of what the full
 cache needs at the end; the continuation is then fed token by token (teacher forcing). Reported:
 perplexity of the continuation, mean KL divergence of the next-token distributions from the full
-cache's, and the KV bytes really held at the end. Text: Python's own docs (pydoc_data.topics).
+cache's, the KV bytes really held at the end and their bits per element of the context (every
+byte held, metadata and full-precision residual blocks included, over the full cache's elements).
+Text: Python's own docs (pydoc_data.topics).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pydoc_data.topics import topics
 import torch
 
 import kvmem
-from kvmem.compress.registry import QUANTIZERS, SCORERS
+from kvmem.compress.registry import QUANTIZERS, SCORERS, find_quantizer
 from kvmem.errors import KVBudgetError, format_bytes
 
 
@@ -56,12 +58,15 @@ def main() -> None:
         return float(torch.exp(-logp.gather(1, targets[:, None]).mean()))
 
     print(f"model {args.model}: context {args.context} tokens, continuation {args.continuation}")
-    print(f"{'policy':<16}{'budget':>8}{'KV held':>12}{'ratio':>8}{'ppl':>9}{'KL':>9}")
-    head = f"{'full cache':<16}{'-':>8}{format_bytes(full_bytes):>12}{1.0:>8.2f}"
+    # bits per element of the context: every byte held (codes, scales, residual blocks) over the
+    # elements the full cache stores for the same tokens
+    dtype_bits = loaded.spec.element_size * 8
+    print(f"{'policy':<16}{'budget':>8}{'KV held':>12}{'ratio':>8}{'bits/el':>8}{'ppl':>9}{'KL':>9}")
+    head = f"{'full cache':<16}{'-':>8}{format_bytes(full_bytes):>12}{1.0:>8.2f}{dtype_bits:>8.2f}"
     print(f"{head}{ppl(reference):>9.2f}{0.0:>9.3f}")
     for name in args.policies.split(","):
         # quantization alone evicts nothing: it runs once, with no budget, and reports what it holds
-        shares = [None] if name in QUANTIZERS else [float(s) for s in args.shares.split(",")]
+        shares = [None] if find_quantizer(name) is not None else [float(s) for s in args.shares.split(",")]
         for share in shares:
             budget = None if share is None else int(full_bytes * share)
             llm = kvmem.LLM(loaded, kv_budget=budget, policy=name)
@@ -72,7 +77,8 @@ def main() -> None:
                 continue
             kl = float((reference.exp() * (reference - logp)).sum(-1).mean())
             label = "-" if share is None else f"{share:.0%}"
-            row = f"{name:<16}{label:>8}{format_bytes(held):>12}{held / full_bytes:>8.2f}"
+            ratio = held / full_bytes
+            row = f"{name:<16}{label:>8}{format_bytes(held):>12}{ratio:>8.2f}{ratio * dtype_bits:>8.2f}"
             print(f"{row}{ppl(logp):>9.2f}{kl:>9.3f}", flush=True)
 
 

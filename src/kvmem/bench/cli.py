@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvmem.bench.config import MODES, BenchConfig, is_kvpress, suite
+from kvmem.bench.config import MODES, BenchConfig, is_kvpress, split_method, suite
 from kvmem.bench.registry import TASKS
 from kvmem.compress.budget import KVBudget
 from kvmem.compress.registry import make_policy
@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--methods",
         help="comma-separated: full, hf (transformers' generate), hf-quanto4 / hf-quanto2 (its "
-        "QuantizedCache), policy names (snapkv+kivi4, ...), kvpress:<press>",
+        "QuantizedCache), policy names (snapkv+kivi4, ...; with @prompt, e.g. snapkv@prompt, the policy "
+        "compresses once after each prompt, run at full size first), kvpress:<press>",
     )
     bench.add_argument(
         "--budgets", help="comma-separated shares of the full cache's bytes, e.g. 0.5,0.25,0.1"
@@ -62,7 +63,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             if (
                 method != "full" and not method.startswith("hf") and not is_kvpress(method)
             ):  # BenchConfig checks
-                make_policy(method, KVBudget.parse("1GiB"))  # raises for an unknown policy
+                make_policy(split_method(method)[0], KVBudget.parse("1GiB"))  # raises for an unknown policy
         changes["methods"] = methods
     if args.budgets:
         try:

@@ -25,6 +25,18 @@ def is_hf(method: str) -> bool:
     return method in PEERS
 
 
+# "<policy>@prompt": the policy compressing once after each prompt (``compress_after_prompt``), the
+# prompt run at full size first; without the suffix, chunk by chunk under the budget (the default)
+AFTER_PROMPT = "@prompt"
+
+
+def split_method(method: str) -> tuple[str, bool]:
+    """``"snapkv+kivi4@prompt"`` -> ``("snapkv+kivi4", True)``; other names -> ``(name, False)``."""
+    if method.endswith(AFTER_PROMPT):
+        return method.removesuffix(AFTER_PROMPT), True
+    return method, False
+
+
 # --- kvpress peer: "kvpress:<press>" is NVIDIA kvpress's press, run in its own venv (kvpress_peer.py)
 KVPRESS = "kvpress:"
 

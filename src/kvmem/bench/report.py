@@ -68,8 +68,10 @@ def markdown(result: BenchResult) -> str:
     tasks = [t for t in dict.fromkeys(r.task for r in result.records) if t != "realtext"]
     c = result.config
     head = ["method", "budget", *tasks, "accuracy", "gold logprob", "ppl", "KL", "KV held", "ratio"]
+    head += ["bits/el"]  # bits per element of the context: every byte held over the full cache's elements
     head += ["TTFT s", "decode tok/s", "peak RSS"]
     env = result.environment
+    dtype_bits = float(str(env.get("dtype_bits", 32)))  # results written before it was recorded: float32
     lines = [
         f"model `{c.model}`, {c.length}-token prompts, mode `{c.mode}`, {c.contexts} context(s) per task, "
         f"seed {c.seed}; {env.get('threads')} threads, torch {env.get('torch')}, {env.get('seconds')} s",
@@ -89,7 +91,9 @@ def markdown(result: BenchResult) -> str:
         cells += [_fmt(row["accuracy"]), _fmt(row["gold_logprob"]), _fmt(row["ppl"]), _fmt(row["kl"], 3)]
         kv = row["kv_bytes"]
         cells += [format_bytes(int(kv)) if isinstance(kv, float) and not math.isnan(kv) else "-"]
-        cells += [_fmt(row["kv_ratio"]), _fmt(row["ttft_s"]), _fmt(row["decode_tokens_per_s"], 1)]
+        ratio = row["kv_ratio"]
+        bits = ratio * dtype_bits if isinstance(ratio, float) else None
+        cells += [_fmt(ratio), _fmt(bits), _fmt(row["ttft_s"]), _fmt(row["decode_tokens_per_s"], 1)]
         cells += [format_bytes(int(row["peak_rss"]))]  # type: ignore[call-overload]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from kvmem.bench.config import FULL, BenchConfig, is_hf, is_kvpress
+from kvmem.bench.config import FULL, BenchConfig, is_hf, is_kvpress, split_method
 from kvmem.bench.example import Context
 from kvmem.bench.hf_peer import run_questions_hf, run_text_hf
 from kvmem.bench.kvmem_runner import Request, end_of_sequence, run_questions, run_text
@@ -71,7 +71,7 @@ def can_evict(method: str) -> bool:
         return False
     if is_kvpress(method):  # kvpress peer: every press takes a compression ratio
         return True
-    policy = make_policy(method, KVBudget.parse("1GiB"))
+    policy = make_policy(split_method(method)[0], KVBudget.parse("1GiB"))
     return policy.scorer is not None or policy.offload is not None
 
 
@@ -151,6 +151,7 @@ def run_bench(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
+        "dtype_bits": loaded.spec.element_size * 8,  # the full cache's bits per element
         "machine": platform.machine(),
         "seconds": round(time.time() - started, 1),
         "date": time.strftime("%Y-%m-%d"),
@@ -166,8 +167,13 @@ def _seed(context: Context) -> int:
     return int(str(context.meta.get("seed", 0)))
 
 
-def _llm(config: BenchConfig, loaded: LoadedModel, method: str, budget_bytes: int | None) -> LLM:
-    policy = None if method == FULL or is_hf(method) else method
+def _llm(
+    config: BenchConfig, loaded: LoadedModel, method: str, budget_bytes: int | None, full_bytes: int
+) -> LLM:
+    policy, after_prompt = (None, False) if method == FULL or is_hf(method) else split_method(method)
+    # compressing after the prompt: its peak holds the whole context at full size (the full cache's
+    # bytes for it, with room for the answer)
+    peak = 2 * full_bytes if after_prompt and budget_bytes is not None else None
     shares = config.mode == "multirequest" and can_share(
         None if policy is None else make_policy(policy, KVBudget.parse(budget_bytes))
     )
@@ -178,6 +184,7 @@ def _llm(config: BenchConfig, loaded: LoadedModel, method: str, budget_bytes: in
         prefill_chunk=config.prefill_chunk,
         policy=policy,
         prefix_cache=shares,  # multi-request: later requests adopt the shared context's blocks
+        compress_after_prompt=peak,
     )
 
 
@@ -189,7 +196,7 @@ def _run_one(
     references: dict[str, torch.Tensor],
 ) -> list[Record]:
     budget = None if request.budget is None else int(request.budget * request.full_bytes)
-    llm = _llm(config, loaded, request.method, budget)
+    llm = _llm(config, loaded, request.method, budget, request.full_bytes)
     if context.kind == "text":
         if is_hf(request.method):
             return run_text_hf(llm, context, request, references.get(_key(context)))
@@ -226,7 +233,7 @@ def measure_speed(
         full_bytes = 0  # set by the full cache, which runs first
         for method, share in chosen:
             budget = None if share is None else int(share * full_bytes)
-            llm = _llm(config, loaded, method, budget)
+            llm = _llm(config, loaded, method, budget, full_bytes)
             seq = llm.new_sequence()
             seq.token_ids = list(ids)
             try:
