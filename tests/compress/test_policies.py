@@ -52,7 +52,6 @@ def test_byte_budget_holds_at_every_step_for_200_tokens_past_it(tiny: LoadedMode
     seq = llm.new_sequence()
     seq.token_ids = list(PROMPT)
     logits = seq.prefill(llm.config.prefill_chunk)
-    checks = 0
     for _ in range(200):
         assert llm.pool.bytes_used <= budget
         assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
@@ -60,12 +59,11 @@ def test_byte_budget_holds_at_every_step_for_200_tokens_past_it(tiny: LoadedMode
         for layer in seq.cache.paged_layers:
             layer.check()
         logits = seq.step(sample(logits, SamplingParams(), None))
-        checks += 1
     assert seq.num_cached == len(PROMPT) + 200
     full = seq.num_cached * tiny.spec.kv_bytes_per_token
     assert seq.cache.nbytes <= budget < full / 2  # really compressed
     seq.release()
-    assert llm.pool.bytes_used == 0 and checks == 200
+    assert llm.pool.bytes_used == 0
 
 
 @pytest.mark.parametrize("policy", POLICIES)

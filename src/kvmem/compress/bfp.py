@@ -39,6 +39,7 @@ import torch
 
 from kvmem.compress.packing import pack, packed_size, unpack
 from kvmem.errors import KVMemError
+from kvmem.model.format import write_parts
 
 EXPONENT_RANGE = 127  # exponents are int8, clamped to [-127, 127]
 
@@ -146,13 +147,7 @@ class BlockFloat:
         k_exp, k_codes = quantize(keys, self.bits, layout.group)
         v_exp, v_codes = quantize(values, self.bits, layout.group)
         parts += [k_exp.view(torch.uint8), v_exp.view(torch.uint8), k_codes, v_codes]
-        rows = out.reshape(-1, layout.nbytes)  # [N, nbytes]
-        offset = 0
-        for part in parts:
-            raw = part.reshape(blocks, -1)
-            rows[:, offset : offset + raw.shape[1]] = raw
-            offset += raw.shape[1]
-        assert offset == layout.nbytes
+        write_parts(out, layout.nbytes, parts)
 
     def decode(
         self, buffer: torch.Tensor, layout: BFPLayout, dtype: torch.dtype

@@ -19,6 +19,7 @@ import torch
 from kvmem.compress.groupquant import QuantizedTensor, dequantize, quantize
 from kvmem.compress.packing import packed_size
 from kvmem.errors import KVMemError
+from kvmem.model.format import write_parts
 
 KIVI_BITS = (2, 4, 8)  # the widths kvmem's compiled decode attention reads in place
 
@@ -106,13 +107,7 @@ class KIVI:
         if qk.scale.dtype != torch.float16 or qv.scale.dtype != torch.float16:
             raise KVMemError("KIVI: keys or values exceed float16's range; use a policy without quantization")
         parts = [qk.scale, qk.zero, qv.scale, qv.zero, qk.packed, qv.packed]
-        rows = out.reshape(-1, layout.nbytes)  # [N, nbytes]
-        offset = 0
-        for part in parts:
-            raw = part.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)  # its bytes, per block
-            rows[:, offset : offset + raw.shape[1]] = raw
-            offset += raw.shape[1]
-        assert offset == layout.nbytes
+        write_parts(out, layout.nbytes, parts)
 
     def decode(
         self, buffer: torch.Tensor, layout: BlockLayout, dtype: torch.dtype

@@ -38,6 +38,7 @@ from kvmem.compress.codebook import lloyd_max, nearest, uniform
 from kvmem.compress.packing import pack, packed_size, unpack
 from kvmem.compress.rotation import rotate, rotations, unrotate
 from kvmem.errors import KVMemError
+from kvmem.model.format import write_parts
 
 ROTATED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 _FP16_MAX = 65504.0
@@ -143,13 +144,7 @@ class RotatedQuant:
             pack(k_codes, self.key_bits),
             pack(v_codes, self.value_bits),
         ]
-        rows = out.reshape(-1, layout.nbytes)  # [N, nbytes]
-        offset = 0
-        for part in parts:
-            raw = part.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)
-            rows[:, offset : offset + raw.shape[1]] = raw
-            offset += raw.shape[1]
-        assert offset == layout.nbytes
+        write_parts(out, layout.nbytes, parts)
 
     def decode(
         self, buffer: torch.Tensor, layout: RotatedLayout, dtype: torch.dtype

@@ -55,3 +55,16 @@ class Quantizer(Protocol[L]):
     def decode(
         self, buffer: torch.Tensor, layout: L, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def write_parts(out: torch.Tensor, nbytes: int, parts: list[torch.Tensor]) -> None:
+    """Lay ``parts`` (each [N, ...] of any dtype, N blocks) side by side into ``out`` (uint8
+    [..., nbytes], N rows): block ``i``'s bytes of every part, in order, fill row ``i`` exactly."""
+    rows = out.reshape(-1, nbytes)  # [N, nbytes]
+    offset = 0
+    for part in parts:
+        raw = part.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)  # its bytes, per block
+        rows[:, offset : offset + raw.shape[1]] = raw
+        offset += raw.shape[1]
+    if offset != nbytes:
+        raise ValueError(f"the parts hold {offset} bytes per block, the layout {nbytes}")
