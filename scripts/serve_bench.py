@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 from kvmem.bench.load import run_load
@@ -87,7 +88,7 @@ def main() -> None:
                 policy = None if system == "full" else system
                 shares = can_share(None if policy is None else make_policy(policy, KVBudget.parse(budget)))
                 command = kvmem_serve(args.model, PORT, budget, policy, args.dtype, args.concurrency, shares)
-            log = ROOT / f"results-local-{system.replace('+', '_')}.log"
+            log = Path(tempfile.gettempdir()) / f"kvmem-serve-bench-{system.replace('+', '_')}.log"
             with running(command, PORT, log) as pid:
                 run_load(
                     "127.0.0.1", PORT, args.model, [list(range(100, 164))], 4, 1
