@@ -86,6 +86,17 @@ def test_snapkv_after_the_prompt_keeps_what_the_prompt_s_last_queries_attend_to(
     seq.release()
 
 
+def test_generate_keeps_each_result_within_the_budget_not_the_peak(llama: LoadedModel) -> None:
+    """``LLM.generate`` (what the CLI runs) shares the policy's budget, not the pool's larger cap."""
+    budget, peak = _bytes(llama, 48), _bytes(llama, 600)
+    llm = LLM(llama, block_size=BS, kv_budget=budget, policy="snapkv", compress_after_prompt=peak)
+    one = llm.generate(PROMPT, max_new_tokens=6)
+    assert 0 < one.stats.kv_bytes <= budget
+    both = llm.generate([PROMPT, PROMPT[:150]], max_new_tokens=6)
+    assert all(0 < r.stats.kv_bytes <= budget // 2 for r in both)
+    assert llm.pool.bytes_used == 0
+
+
 def test_a_prompt_whose_full_size_exceeds_the_peak_is_refused_up_front(llama: LoadedModel) -> None:
     budget, peak = _bytes(llama, 48), _bytes(llama, 120)
     llm = LLM(llama, block_size=BS, kv_budget=budget, policy="snapkv", compress_after_prompt=peak)

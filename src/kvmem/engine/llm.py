@@ -169,9 +169,13 @@ class LLM:
 
     def _share(self, n: int) -> int | None:
         """Each request's byte share for an evicting or offloading policy: the budget split among
-        the requests that run at once."""
-        policy, budget = self.policy, self.pool.budget
-        if policy is None or not policy.takes_share or budget is None:
+        the requests that run at once (the policy's budget: the pool's cap is larger when
+        compressing after the prompt)."""
+        policy = self.policy
+        if policy is None or not policy.takes_share:
+            return None
+        budget = policy.budget.bytes if policy.budget.bytes is not None else self.pool.budget
+        if budget is None:
             return None
         return budget // max(1, min(n, self.config.max_num_seqs))
 
