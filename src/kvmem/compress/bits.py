@@ -2,8 +2,8 @@
 
 An element is one scalar of a key or a value (``2 * heads * tokens * head_dim`` per layer).
 A format's full block costs ``layout.nbytes * 8 / (2 * H * bs * D)`` bits per element: codes,
-scales, zero points, means, exponents and permutations all count. A cache's figure also counts
-its full-precision last block and any tokens kept in the model's dtype: ``cache_bits``.
+scales, zero points, means, exponents and permutations all count. A whole cache's figure (the
+bench's ``bits/el``) also counts its full-precision last block per layer.
 """
 
 from __future__ import annotations
@@ -17,13 +17,6 @@ def block_bits(quantizer: Quantizer, heads: int, block_size: int, head_dim: int)
     """Bits per element of one full block in ``quantizer``'s format, metadata included."""
     layout = quantizer.layout(heads, block_size, head_dim)
     return layout.nbytes * 8 / (2 * heads * block_size * head_dim)
-
-
-def cache_bits(kv_bytes: int, elements: int) -> float:
-    """Bits per element of a whole cache: the bytes it really holds over the elements it stands for."""
-    if elements <= 0:
-        raise ValueError(f"elements must be positive, got {elements}")
-    return kv_bytes * 8 / elements
 
 
 def describe_bits(quantizer: Quantizer) -> str:

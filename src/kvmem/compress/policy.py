@@ -203,18 +203,23 @@ class Policy:
         which runs at full size)."""
         for layer in cache.kv_layers:
             layer.before_forward(q)
-        if defer:
-            return
+        if not defer:
+            self._make_room(cache, q)
+
+    def _make_room(self, cache: KVMemCache, q: int | None) -> None:
+        """Evict so that every layer can take ``q`` more tokens within its capacity (``None``: a
+        slack of its own, the room left to decode after a prompt that ran at full size)."""
         capacities = self.capacities(cache)
         if not capacities:
             return
         for layer in _compressible(cache):
             capacity = capacities[layer.layer_idx]
-            if q > capacity:
-                raise ValueError(f"a forward of {q} tokens cannot fit a capacity of {capacity} tokens")
             slack = max(1, min(cache.pool.block_size, capacity // 4))
-            if layer.held + q > capacity:
-                self.evict(layer, max(capacity - max(q, slack), 1), capacity)
+            need = slack if q is None else q
+            if need > capacity:
+                raise ValueError(f"a forward of {need} tokens cannot fit a capacity of {capacity} tokens")
+            if layer.held + need > capacity:
+                self.evict(layer, max(capacity - max(need, slack), 1), capacity)
 
     def after_forward(self, cache: KVMemCache, defer: bool = False, prompt_end: bool = False) -> None:
         """Compress after a forward. ``defer``: a prompt chunk under ``after_prompt``, not its last;
@@ -223,13 +228,8 @@ class Policy:
             layer.after_forward()
         if defer:
             return
-        capacities = self.capacities(cache) if prompt_end else None
-        if capacities:  # the prompt ran at full size: down to every layer's capacity, with room to decode
-            for layer in _compressible(cache):
-                capacity = capacities[layer.layer_idx]
-                slack = max(1, min(cache.pool.block_size, capacity // 4))
-                if layer.held > capacity - slack:
-                    self.evict(layer, max(capacity - slack, 1), capacity)
+        if prompt_end:  # the prompt ran at full size: down to every layer's capacity, room to decode
+            self._make_room(cache, None)
         if self.budget.fraction is None or self.budget.fraction >= 1 or self.scorer is None:
             return  # 100%: nothing to take from any layer
         full = _compressible(cache)

@@ -29,6 +29,7 @@ Buffer: ``[key means H*D | key scales H*bs | value scales H*bs`` (float16) ``| k
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -177,8 +178,6 @@ class RotatedQuant:
 
 def parse_rotated(name: str) -> RotatedQuant | None:
     """``rot3``, ``rotk3v2``, ``rotu4``, ``rotuk4v2`` -> the quantizer; anything else -> None."""
-    import re
-
     match = re.fullmatch(r"rot(u?)(?:([1-8])|k([1-8])v([1-8]))", name)
     if match is None:
         return None

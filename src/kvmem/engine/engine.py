@@ -163,8 +163,13 @@ class Engine:
             return None
         if share is not None:
             return share
-        budget = policy.budget.bytes if policy.budget.bytes is not None else self.pool.budget
+        budget = self.shared_bytes(policy)
         return None if budget is None else budget // self.config.max_num_seqs
+
+    def shared_bytes(self, policy: Policy) -> int | None:
+        """The bytes a policy's sequences share among them: its budget (the pool's cap is larger
+        when compressing after the prompt), else the pool's."""
+        return policy.budget.bytes if policy.budget.bytes is not None else self.pool.budget
 
     def _fit_context(self, sequence: Sequence, max_new_tokens: int | None) -> int:
         context = self.loaded.spec.max_context

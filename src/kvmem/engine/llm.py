@@ -169,12 +169,11 @@ class LLM:
 
     def _share(self, n: int) -> int | None:
         """Each request's byte share for an evicting or offloading policy: the budget split among
-        the requests that run at once (the policy's budget: the pool's cap is larger when
-        compressing after the prompt)."""
+        the requests that run at once (``Engine.shared_bytes``)."""
         policy = self.policy
         if policy is None or not policy.takes_share:
             return None
-        budget = policy.budget.bytes if policy.budget.bytes is not None else self.pool.budget
+        budget = self.engine.shared_bytes(policy)
         if budget is None:
             return None
         return budget // max(1, min(n, self.config.max_num_seqs))
