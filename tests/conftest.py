@@ -54,3 +54,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.real)
+
+
+@pytest.fixture(scope="session")
+def redis_session(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from redis_server import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_session) -> str:  # type: ignore[no-untyped-def]
+    """A real Redis on 127.0.0.1, emptied for each test."""
+    redis_session.flush()
+    return str(redis_session.url)

@@ -19,6 +19,7 @@ from kvmem.model.dtype import CHOICES as DTYPE_CHOICES
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
 from kvmem.server import cli as serve_cli
 from kvmem.tiers import cli as cache_cli
+from kvmem.tiers.redis import DEFAULT_TTL_S
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
@@ -104,6 +105,21 @@ def _reuse_args(p: argparse.ArgumentParser) -> None:
         f"(default folder {cache_cli.default_dir()}; see `kvmem cache`)",
     )
     p.add_argument("--disk-cache-max", default=None, metavar="SIZE", help="size cap of the disk cache (2GiB)")
+    p.add_argument(
+        "--redis-cache",
+        default=None,
+        metavar="URL",
+        help="also keep those blocks in a Redis server that other kvmem processes share "
+        "(redis://127.0.0.1:6379/0): read after RAM, before disk; a slow or dead server is a miss",
+    )
+    p.add_argument(
+        "--redis-ttl",
+        type=float,
+        default=DEFAULT_TTL_S,
+        metavar="SECONDS",
+        help=f"how long a block stays in Redis (default {DEFAULT_TTL_S:.0f} s; "
+        "its maxmemory policy may evict sooner)",
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -179,6 +195,8 @@ def _validate(args: argparse.Namespace) -> None:
             disk_cache=getattr(args, "disk_cache", None),
             disk_cache_max=getattr(args, "disk_cache_max", None),
             dtype=args.dtype,
+            redis_cache=getattr(args, "redis_cache", None),
+            redis_ttl_s=getattr(args, "redis_ttl", DEFAULT_TTL_S),
         )
     for name in ("max_new_tokens", "block_size", "prefill_chunk"):
         value = getattr(args, name, None)
@@ -225,6 +243,8 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
         dtype=args.dtype,
         device=args.device,
         compress_after_prompt=getattr(args, "compress_after_prompt", None),
+        redis_cache=getattr(args, "redis_cache", None),
+        redis_ttl_s=getattr(args, "redis_ttl", DEFAULT_TTL_S),
         **engine,
     )
 
@@ -241,6 +261,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = result.to_json()
         if llm.prefix is not None and llm.prefix.disk is not None:
             out["disk_tier"] = dataclasses.asdict(llm.prefix.disk.stats)  # this run's tier traffic
+        if llm.prefix is not None and llm.prefix.redis is not None:
+            out["redis_tier"] = dataclasses.asdict(llm.prefix.redis.stats)
         print(json.dumps(out))
         return 0
     from kvmem.engine.result import GenerationResult
@@ -263,7 +285,11 @@ def describe(result: object) -> str:
     return (
         f"[kv: {format_bytes(s.kv_bytes)} held for {s.kv_tokens} tokens ({s.kv_ratio:.0%} of a full cache) | "
         f"prefill {s.tokens_prefilled} tok in {s.prefill_s:.2f}s"
-        + (f" ({s.tokens_reused} reused, {s.tokens_from_disk} from disk)" if s.tokens_reused else "")
+        + (
+            f" ({s.tokens_reused} reused, {s.tokens_from_redis} from redis, {s.tokens_from_disk} from disk)"
+            if s.tokens_reused
+            else ""
+        )
         + f" | TTFT {s.ttft_s:.2f}s | "
         f"{s.new_tokens} new tok at {s.decode_tokens_per_s:.1f} tok/s | {result.finish_reason}]"
     )

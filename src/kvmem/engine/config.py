@@ -12,6 +12,7 @@ from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.dtype import resolve_dtype
 from kvmem.model.registry import DEFAULT_MODEL
 from kvmem.prefix.cache import PrefixSharingError, can_share
+from kvmem.tiers.redis import DEFAULT_TTL_S, check_url
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class EngineConfig:
     tokens (they stay in the pool until it needs room); no policy or a quantizer alone.
     ``disk_cache``: a folder where those blocks are also written, so a later process reuses them
     (turns ``prefix_cache`` on); ``disk_cache_max``: its size cap (``"2GiB"``; None: no cap).
+    ``redis_cache``: a Redis URL (``redis://127.0.0.1:6379/0``) whose server every process pointing
+    at it shares: the tier after RAM and before disk (turns ``prefix_cache`` on); ``redis_ttl_s``:
+    how long a block stays there unread (Redis's own ``maxmemory`` policy evicts before that).
     ``max_num_seqs``: sequences running at once; a policy that evicts or offloads under a byte
     budget gives each request ``budget / max_num_seqs`` unless the request brings its own.
     ``max_batch_tokens``: tokens one forward computes at most (decodes and prefill chunks).
@@ -50,6 +54,8 @@ class EngineConfig:
     reserve_new_tokens: int | None = None
     dtype: str = "auto"
     compress_after_prompt: int | str | None = None
+    redis_cache: str | None = None
+    redis_ttl_s: float | None = DEFAULT_TTL_S
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
@@ -74,6 +80,10 @@ class EngineConfig:
                 "prompt once it has run"
             )
         parse_budget(self.disk_cache_max)  # raises InvalidBudgetError
+        if self.redis_cache is not None:
+            check_url(self.redis_cache)  # raises InvalidRedisURLError
+        if self.redis_ttl_s is not None and self.redis_ttl_s <= 0:
+            raise ValueError(f"redis_ttl_s must be positive or None, got {self.redis_ttl_s}")
         if self.shares_prefixes and not can_share(policy):
             raise PrefixSharingError(
                 f"prefix caching needs no policy or a quantizer alone (kivi4, bfp4, …), not {self.policy!r}: "
@@ -94,7 +104,7 @@ class EngineConfig:
 
     @property
     def shares_prefixes(self) -> bool:
-        return self.prefix_cache or self.disk_cache is not None
+        return self.prefix_cache or self.disk_cache is not None or self.redis_cache is not None
 
     @property
     def disk_cache_bytes(self) -> int | None:

@@ -33,6 +33,7 @@ from kvmem.model.batch import forward
 from kvmem.model.loader import LoadedModel, cache_dir
 from kvmem.prefix.cache import PrefixCache
 from kvmem.tiers.disk import DiskTier
+from kvmem.tiers.redis import RedisTier
 from kvmem.tiers.swap import SwapSpace
 
 ENGINE_POLICY = object()  # "the engine's policy" for add_request
@@ -58,7 +59,9 @@ class Engine:
         if config.shares_prefixes:
             disk = config.disk_cache
             tier = None if disk is None else DiskTier(disk, config.disk_cache_bytes)
-            self.prefix = PrefixCache(self.pool, loaded.identity, tier)
+            url = config.redis_cache
+            shared = None if url is None else RedisTier(url, config.redis_ttl_s)
+            self.prefix = PrefixCache(self.pool, loaded.identity, tier, shared)
         self.swap = SwapSpace(cache_dir() / "swap")
         self.scheduler = Scheduler(config, self.pool, self.swap)
         self.requests: dict[str, Request] = {}
@@ -306,7 +309,7 @@ class Engine:
         if request.owns_sequence:
             request.seq.release()
         if self.prefix is not None:
-            self.prefix.flush()  # this request's new blocks reach the disk tier, if any
+            self.prefix.flush()  # this request's new blocks reach the Redis and disk tiers, if any
 
     def _fail(self, request: Request, error: Exception) -> None:
         request.error = error
@@ -339,6 +342,7 @@ class Engine:
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             tokens_reused=request.tokens_reused,
             tokens_from_disk=0 if state is None or not request.tokens_reused else state.disk_tokens,
+            tokens_from_redis=0 if state is None or not request.tokens_reused else state.redis_tokens,
             preemptions=request.preemptions,
         )
         return GenerationResult(

@@ -20,6 +20,7 @@ from kvmem.model.dtype import resolve_dtype
 from kvmem.model.loader import LoadedModel, load_model
 from kvmem.model.spec import ModelSpec
 from kvmem.prefix.cache import PrefixCache
+from kvmem.tiers.redis import DEFAULT_TTL_S
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
@@ -49,10 +50,13 @@ class LLM:
         dtype: str = "auto",
         device: str | None = None,
         compress_after_prompt: int | str | None = None,
+        redis_cache: str | None = None,
+        redis_ttl_s: float | None = DEFAULT_TTL_S,
     ) -> None:
         """``dtype`` and ``device`` apply to a model loaded by name or path (``"auto"``: see
         ``kvmem.model.dtype``); a ``LoadedModel`` is used in the dtype and on the device it has.
-        ``compress_after_prompt``: a peak in bytes; see ``EngineConfig``."""
+        ``compress_after_prompt``: a peak in bytes; ``redis_cache``: a shared Redis tier's URL; see
+        ``EngineConfig``."""
         name = model if isinstance(model, str) else model.name
         if not isinstance(model, str):
             dtype = str(model.spec.dtype).removeprefix("torch.")
@@ -70,6 +74,8 @@ class LLM:
             reserve_new_tokens,
             dtype,
             compress_after_prompt,
+            redis_cache,
+            redis_ttl_s,
         )
         if isinstance(model, str):
             device = device or "cpu"

@@ -22,6 +22,7 @@ class GenerationStats:
     decode_tokens_per_s: float
     tokens_reused: int = 0  # leading prompt tokens whose cached blocks were adopted, not computed
     tokens_from_disk: int = 0  # of those, tokens whose blocks were read back from the disk tier
+    tokens_from_redis: int = 0  # of those, tokens whose blocks were read back from the Redis tier
     preemptions: int = 0  # times the engine swapped the request out to make room for older ones
 
     @property

@@ -10,9 +10,10 @@ when every sliding layer has the blocks covering its window before token ``n * b
 Their blocks stay aligned to token blocks because a prefill chunk is at most the window (a
 longer chunk would skip tokens and shift a sliding layer's blocks).
 
-With a ``DiskTier``, every published block is also written to disk after the request (and before
-the pool evicts it, if sooner); a prefix missing from RAM is read back from disk block by block
-into the pool, so a later process skips the prefill too. A corrupt file is a miss (recomputed).
+With a ``RedisTier`` and/or a ``DiskTier``, every published block is also written to them after
+the request (and before the pool evicts it, if sooner); a prefix missing from RAM is read back —
+from Redis first (pipelined), then from disk — into the pool, so another process or a later one
+skips the prefill too. A damaged block, or one another model wrote, is a miss (recomputed).
 
 Which policies can share: none, or a quantizer alone (blocks are published once quantized).
 Eviction rewrites a layer's blocks in place and depends on the sequence's own history, so
@@ -32,6 +33,7 @@ from kvmem.model.cache import KVMemCache
 from kvmem.prefix.hashing import block_hashes, root_hash
 from kvmem.prefix.index import Entry, PrefixIndex
 from kvmem.tiers.disk import DiskTier
+from kvmem.tiers.redis import RedisTier
 
 
 class PrefixSharingError(KVMemError, ValueError):
@@ -57,6 +59,7 @@ class PrefixState:
     hashes: list[bytes] = field(default_factory=list)
     reused_tokens: int = 0
     disk_tokens: int = 0  # of the reused tokens, those read back from the disk tier
+    redis_tokens: int = 0  # of the reused tokens, those read back from the Redis tier
 
 
 class PrefixCache:
@@ -66,12 +69,19 @@ class PrefixCache:
     blocks of one policy are never adopted by a sequence of another.
     """
 
-    def __init__(self, pool: KVPool, model_identity: str, disk: DiskTier | None = None) -> None:
+    def __init__(
+        self,
+        pool: KVPool,
+        model_identity: str,
+        disk: DiskTier | None = None,
+        redis: RedisTier | None = None,
+    ) -> None:
         self.pool = pool
         self.index = PrefixIndex(pool.manager, pool.incref, pool.decref, on_evict=self._spill)
         self.model_identity = model_identity
         self.disk = disk
-        self._unsaved: dict[bytes, str] = {}  # published, not yet on disk (insertion order): its policy
+        self.redis = redis
+        self._unsaved: dict[bytes, str] = {}  # published, not yet in the tiers (insertion order): its policy
         pool.set_reclaimer(self)
 
     @property
@@ -114,9 +124,10 @@ class PrefixCache:
         for block_id in pinned:
             self.pool.incref(block_id)
         try:
-            from_disk = self._read_back(cache, keys[len(entries) :], len(entries))
-            pinned += [b for e in from_disk for b in e.block_ids()]  # still hold their load reference
-            entries += from_disk
+            in_ram = len(entries)
+            from_tiers, sources = self._read_back(cache, keys[in_ram:], in_ram)
+            pinned += [b for e in from_tiers for b in e.block_ids()]  # still hold their load reference
+            entries += from_tiers
             n = self._reusable(cache, entries)
             for i, layer in enumerate(cache.kv_layers):
                 if n == 0:
@@ -133,21 +144,29 @@ class PrefixCache:
         state.hashes = [e.key for e in entries[:n]]
         self.index.touch(state.hashes)
         state.reused_tokens = n * bs
-        state.disk_tokens = max(0, n - (len(entries) - len(from_disk))) * bs
+        used = sources[: max(0, n - in_ram)]
+        state.disk_tokens = used.count("disk") * bs
+        state.redis_tokens = used.count("redis") * bs
         return n * bs
 
-    def _read_back(self, cache: KVMemCache, keys: list[bytes], depth: int) -> list[Entry]:
-        """Load the blocks of ``keys`` (leading ones first) from disk into the pool and the index;
-        each loaded block keeps one extra reference for the caller to drop."""
+    def _read_back(self, cache: KVMemCache, keys: list[bytes], depth: int) -> tuple[list[Entry], list[str]]:
+        """Load the blocks of ``keys`` (leading ones first) from Redis or disk into the pool and the
+        index, and which tier each came from; each loaded block keeps one extra reference for the
+        caller to drop."""
         loaded: list[Entry] = []
-        if self.disk is None:
-            return loaded
-        for j, key in enumerate(keys, depth):
-            found = self.disk.get(key)
+        sources: list[str] = []
+        if (self.disk is None and self.redis is None) or not keys:
+            return loaded, sources
+        expect = {"model": self.model_identity}
+        remote = self.redis.get_many(keys, expect) if self.redis is not None else [None] * len(keys)
+        for j, (key, found) in enumerate(zip(keys, remote), depth):
+            source = "redis"
+            if found is None and self.disk is not None:
+                found, source = self.disk.get(key, expect), "disk"
             if found is None:
                 break
             blocks = self._to_pool(cache, found[0])
-            if blocks is None:  # no room in the pool, or a file of another shape: recompute
+            if blocks is None:  # no room in the pool, or a block of another shape: recompute
                 break
             # the load's own reference stays as a pin (see attach)
             if not self.index.insert(key, j, blocks):  # indexed meanwhile: pin that entry instead
@@ -161,7 +180,8 @@ class PrefixCache:
             entry = self.index.get(key)
             assert entry is not None
             loaded.append(entry)
-        return loaded
+            sources.append(source)
+        return loaded, sources
 
     def _to_pool(self, cache: KVMemCache, tensors: dict[str, torch.Tensor]) -> list[int | None] | None:
         """Copy a block file's tensors into new pool blocks (one per layer present)."""
@@ -219,31 +239,45 @@ class PrefixCache:
             blocks = [_block_of(view, j, bs) for view in views]
             if _NOT_FINAL in blocks:  # the quantizer's residual block: published once quantized
                 return
-            if self.index.insert(key, j, blocks) and self.disk is not None and key not in self.disk:
+            if self.index.insert(key, j, blocks) and (
+                self.redis is not None or (self.disk is not None and key not in self.disk)
+            ):
                 self._unsaved[key] = state.policy
             state.hashes.append(key)
         # the chain is as recent as its newest block: under pressure it is cut from its end
         self.index.touch(state.hashes)
 
     def flush(self) -> int:
-        """Write every published block not yet on disk; blocks written."""
-        written = 0
-        for key in list(self._unsaved):
-            entry = self.index.get(key)
-            if entry is not None:
-                self._spill(entry)
-                written += 1
-            self._unsaved.pop(key, None)
-        return written
+        """Write every published block not yet in the tiers (to Redis in one pipeline); blocks written."""
+        entries = [e for e in (self.index.get(k) for k in self._unsaved) if e is not None]
+        if self.redis is not None and entries:
+            self.redis.put_many([self._stored(e) for e in entries])
+        for entry in entries:
+            self._to_disk(entry)
+        self._unsaved.clear()
+        return len(entries)
+
+    def _stored(self, entry: Entry) -> tuple[bytes, dict[str, torch.Tensor], dict[str, str]]:
+        """An entry as a stored block: key, every layer's pool block, header fields."""
+        tensors = {f"layer.{i}": self.pool.tensor(b) for i, b in enumerate(entry.blocks) if b is not None}
+        meta = {"depth": str(entry.depth), "policy": self._unsaved[entry.key], "model": self.model_identity}
+        return entry.key, tensors, meta
 
     def _spill(self, entry: Entry) -> None:
-        """Write an entry to disk if it is not there yet (before the pool frees it, or at flush)."""
-        if self.disk is None or entry.key not in self._unsaved:
+        """Write an entry to the tiers if it is not there yet (before the pool frees it)."""
+        if entry.key not in self._unsaved:
             return
-        tensors = {f"layer.{i}": self.pool.tensor(b) for i, b in enumerate(entry.blocks) if b is not None}
-        policy = self._unsaved.pop(entry.key)
+        if self.redis is not None:
+            self.redis.put_many([self._stored(entry)])
+        self._to_disk(entry)
+        self._unsaved.pop(entry.key)
+
+    def _to_disk(self, entry: Entry) -> None:
+        if self.disk is None or entry.key in self.disk:
+            return
+        key, tensors, meta = self._stored(entry)
         try:
-            self.disk.put(entry.key, tensors, {"depth": str(entry.depth), "policy": policy})
+            self.disk.put(key, tensors, meta)
         except OSError:  # a full or read-only disk costs a later recomputation, never this request
             self.disk.stats.write_errors += 1
 

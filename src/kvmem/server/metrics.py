@@ -47,6 +47,7 @@ class ServerMetrics:
             "kvmem_requests_refused", "requests refused, by reason", ["reason"], registry=r
         )
         self.disk = Gauge("kvmem_disk_tier", "the disk tier's counters since start", ["event"], registry=r)
+        self.redis = Gauge("kvmem_redis_tier", "the Redis tier's counters since start", ["event"], registry=r)
         self.ttft = Histogram("kvmem_ttft_seconds", "time to first token", buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram(
             "kvmem_inter_token_latency_seconds", "time between tokens", buckets=ITL_BUCKETS, registry=r
@@ -77,11 +78,17 @@ class ServerMetrics:
         if disk is not None:
             for event in ("hits", "misses", "corrupt", "writes", "write_errors", "evicted"):
                 self.disk.labels(event).set(getattr(disk.stats, event))
+        shared = None if prefix is None else prefix.redis
+        if shared is not None:
+            for event in ("hits", "misses", "corrupt", "writes", "errors", "skipped"):
+                self.redis.labels(event).set(getattr(shared.stats, event))
 
     def observe_finished(self, stats: GenerationStats, reason: str) -> None:
         self.prompt_tokens.inc(stats.prompt_tokens)
-        self.prefix_hits.labels("ram").inc(stats.tokens_reused - stats.tokens_from_disk)
+        remote = stats.tokens_from_disk + stats.tokens_from_redis
+        self.prefix_hits.labels("ram").inc(stats.tokens_reused - remote)
         self.prefix_hits.labels("disk").inc(stats.tokens_from_disk)
+        self.prefix_hits.labels("redis").inc(stats.tokens_from_redis)
         self.finished.labels(reason).inc()
 
     def render(self) -> bytes:

@@ -1,7 +1,7 @@
 """``DiskTier``: KV blocks in files named by their hash, checked on every read, under a size cap.
 
-One file per token block (every layer's pool block for those tokens), in safetensors — tensors
-as stored in RAM, so quantized blocks stay packed bytes. Each file's metadata carries its key, a
+One file per token block (every layer's pool block for those tokens), in ``blockcodec``'s format —
+tensors as stored in RAM, so quantized blocks stay packed bytes, and a header with its key, a
 format tag and a sha256 of its tensors. Writes go to a temporary file in the same folder, are
 fsynced, then renamed over the target: a reader sees the old file, the new one, or none, never
 half a file, and concurrent writers of one key leave one valid file. A file that is missing,
@@ -12,7 +12,6 @@ Over ``max_bytes`` the least recently used files are deleted (a read refreshes a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -20,12 +19,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 
+from kvmem.tiers import blockcodec
 from kvmem.tiers.atomic import write_atomic
 
-FORMAT = "kvmem-block-1"
 SUFFIX = ".kvblock"
 
 
@@ -50,16 +47,6 @@ class DiskFile(NamedTuple):
     last_used: float  # seconds since the epoch
 
 
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class DiskTier:
     def __init__(self, folder: str | Path, max_bytes: int | None = None) -> None:
         if max_bytes is not None and max_bytes <= 0:
@@ -78,9 +65,7 @@ class DiskTier:
 
     def put(self, key: bytes, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> int:
         """Write ``tensors`` under ``key`` atomically; bytes written."""
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        header = {**(meta or {}), "format": FORMAT, "key": key.hex(), "sha256": checksum(tensors)}
-        data = save(tensors, metadata=header)
+        data = blockcodec.encode(key, tensors, meta)
         # a lost block file is only a recomputation: no folder fsync on this per-block path
         write_atomic(self.path(key), data, prefix=".tmp-", suffix=SUFFIX, sync_folder=False)
         self.stats.writes += 1
@@ -89,32 +74,31 @@ class DiskTier:
             self.enforce_cap()
         return len(data)
 
-    def get(self, key: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-        """The tensors and metadata stored under ``key``, or None (missing or corrupt: removed)."""
+    def get(
+        self, key: bytes, expect: dict[str, str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The tensors and metadata stored under ``key``, or None (missing, corrupt or not matching
+        ``expect``: removed). See ``blockcodec.decode``."""
         path = self.path(key)
         try:
-            size = path.stat().st_size
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-            valid = meta.get("format") == FORMAT and meta.get("key") == key.hex()
-            valid = valid and meta.get("sha256") == checksum(tensors)
+            data = path.read_bytes()
         except FileNotFoundError:  # never written, or deleted meanwhile (another process, the cap)
             self.stats.misses += 1
             return None
-        except Exception:  # any unreadable file is a miss, never a crash
-            valid, tensors, meta = False, {}, {}
-        if not valid:
+        except OSError:
+            data = b""
+        found = blockcodec.decode(key, data, expect)
+        if found is None:
             self.stats.corrupt += 1
             self.stats.misses += 1
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
         self.stats.hits += 1
-        self.stats.bytes_read += size
+        self.stats.bytes_read += len(data)
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: last to go under the cap
-        return tensors, meta
+        return found
 
     def files(self) -> list[DiskFile]:
         """Every block file, least recently used first."""
