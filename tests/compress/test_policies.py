@@ -18,7 +18,16 @@ PROMPT = list(range(3, 43))  # 40 tokens
 
 
 @pytest.mark.parametrize(
-    "policy", [*POLICIES, "snapkv+merge", "h2o+pyramid", "keynorm+cake", "snapkv+adakv", "h2o+mixed"]
+    "policy",
+    [
+        *POLICIES,
+        "snapkv+merge",
+        "h2o+pyramid",
+        "keynorm+cake",
+        "snapkv+adakv",
+        "h2o+mixed",
+        "h2o+mixed-rotk3v2",
+    ],
 )
 @pytest.mark.parametrize("budget", ["100%", "1MiB"])
 def test_full_budget_reproduces_uncompressed_output(tiny: LoadedModel, policy: str, budget: str) -> None:
@@ -41,6 +50,7 @@ COMBINATIONS = [
     "h2o+pyramid+adakv+kivi4",
     "h2o+mixed",
     "snapkv+mixed+kivi4",
+    "snapkv+mixed-rot2+kivi8",
     "snapkv+bfp4",
 ]
 
@@ -135,6 +145,7 @@ def test_bad_policy_input() -> None:
         ("adakv", "needs an eviction method"),
         ("snapkv+h2o", "at most one"),
         ("h2o+adakv+mixed", "cannot be combined"),
+        ("h2o+mixed-kivi3", "names no block format"),
     ]:
         with pytest.raises(UnknownPolicyError, match=why):
             make_policy(spec, KVBudget.parse("25%"))
@@ -209,8 +220,10 @@ def test_cake_measures_layer_shares_once_and_keeps_them(tiny: LoadedModel) -> No
     seq.release()
 
 
-def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel) -> None:
-    llm = LLM(tiny, block_size=4, kv_budget="8tok", policy="h2o+mixed")
+@pytest.mark.parametrize(("policy", "low"), [("h2o+mixed", "kivi2"), ("h2o+mixed-rot2+kivi8", "rot2")])
+def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel, policy: str, low: str) -> None:
+    llm = LLM(tiny, block_size=4, kv_budget="8tok", policy=policy)
+    assert llm.policy is not None and llm.policy.name == policy  # the name round-trips
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 40))
     seq.prefill(4)
@@ -218,6 +231,7 @@ def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel) -> None:
         if layer.window is not None:
             continue
         assert isinstance(layer, MixedLayer) and layer.ratio >= 1
+        assert layer.low.fmt is not None and layer.low.fmt.name == low
         layer.check()
         assert layer.held <= 8 and layer.num_low <= 8 * layer.ratio
         assert layer.held + layer.num_low > 8  # more tokens visible than an eviction would keep

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from kvmem.compress.kivi import KIVI
+from kvmem.model.format import Quantizer
+
+NAME = "mixed"
 
 
 @dataclass(frozen=True)
@@ -15,16 +18,25 @@ class MixedPrecision:
     attention still sees an approximation of them; the important ones stay at full (or the
     policy's quantizer's) precision.
 
-    ``low_share`` of each layer's byte budget goes to the low-precision store. Simplified from
+    ``low_share`` of each layer's byte budget goes to the low-precision store. ``mixed-<format>``
+    names another low format (``mixed-rot2``: rotated 2-bit codes), so that with the policy's
+    quantizer for the kept tokens (``snapkv+mixed-rot2+kivi8``) precision follows importance
+    in three levels: the scorer's top tokens (and the recent window, which scorers keep) at the
+    policy's format, the rest at the low one, the oldest of those dropped. Simplified from
     the paper: demoted tokens are never promoted back, and when the low store is full its
     oldest blocks are dropped (MiKV keeps every token and has no byte cap); the paper's
     outlier-aware key balancing is left to KIVI's per-channel key quantization.
     """
 
-    name: ClassVar[str] = "mixed"
-    summary: ClassVar[str] = "MiKV: tokens ranked low are kept at 2 bits instead of evicted"
-    low: KIVI = field(default_factory=lambda: KIVI(2))
+    summary: ClassVar[str] = (
+        "MiKV: tokens ranked low are kept at 2 bits instead of evicted (mixed-<format>: at that format)"
+    )
+    low: Quantizer = field(default_factory=lambda: KIVI(2))
     low_share: float = 0.5
+
+    @property
+    def name(self) -> str:
+        return NAME if self.low == KIVI(2) else f"{NAME}-{self.low.name}"
 
     def __post_init__(self) -> None:
         if not 0 < self.low_share < 1:

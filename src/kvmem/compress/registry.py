@@ -9,6 +9,7 @@ from kvmem.compress.budget import KVBudget
 from kvmem.compress.heads import AdaKV
 from kvmem.compress.kivi import KIVI
 from kvmem.compress.merge import Merge
+from kvmem.compress.mixed import NAME as MIXED
 from kvmem.compress.mixed import MixedPrecision
 from kvmem.compress.offload import Offload
 from kvmem.compress.policy import Policy
@@ -61,9 +62,8 @@ def make_scorer(name: str) -> Scorer:
     try:
         return SCORERS[name.strip().lower()]()
     except KeyError:
-        known = ", ".join(
-            [*SCORERS, *ALLOCATORS, AdaKV.name, MixedPrecision.name, Merge.name, *QUANTIZERS, Offload.name]
-        )
+        parts = [*SCORERS, *ALLOCATORS, AdaKV.name, MIXED, f"{MIXED}-<format>", Merge.name]
+        known = ", ".join([*parts, *QUANTIZERS, Offload.name])
         raise UnknownPolicyError(
             f"unknown policy {name!r}; known policies: {known}, or one of each joined by '+' "
             "(see `kvmem policies`)"
@@ -81,8 +81,15 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
             )
         return Policy(None, budget, offload=Offload())
     for part in parts:
-        if part == MixedPrecision.name:
+        if part == MIXED:
             mixed.append(MixedPrecision())
+        elif part.startswith(MIXED + "-"):
+            low = find_quantizer(part.removeprefix(MIXED + "-"))
+            if low is None:
+                raise UnknownPolicyError(
+                    f"policy {spec!r}: {part!r} names no block format (mixed-kivi2, mixed-rot2, …)"
+                )
+            mixed.append(MixedPrecision(low))
         elif part == Merge.name:
             merges.append(Merge())
         elif part == AdaKV.name:
@@ -123,7 +130,7 @@ def describe_policies() -> list[tuple[str, str]]:
     rows = [(name, cls.summary) for name, cls in SCORERS.items()]
     rows += [(name, a.summary) for name, a in ALLOCATORS.items() if name != "uniform"]
     rows.append((AdaKV.name, AdaKV.summary))
-    rows.append((MixedPrecision.name, MixedPrecision.summary))
+    rows.append((MIXED, MixedPrecision.summary))
     rows.append((Merge.name, Merge.summary))
     rows += [(name, f"{q.summary} ({describe_bits(q)})") for name, q in QUANTIZERS.items()]
     rows.append((Offload.name, Offload.summary))
