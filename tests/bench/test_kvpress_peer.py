@@ -148,8 +148,9 @@ def test_config_and_cli_accept_kvpress_names() -> None:
     full, quick = suite("full", "smollm2-135m"), suite("quick", "smollm2-135m")
     assert {"kvpress:snapkv", "kvpress:expected_attention", "kvpress:tova"} <= set(full.methods)
     assert not any(m.startswith("kvpress:") for m in quick.methods)
-    args = build_parser().parse_args(["bench", "--methods", "full,kvpress:tova"])
+    args = build_parser().parse_args(["bench", "--methods", "full,kvpress:tova", "--block-size", "32"])
     assert config_from(args).methods == ("full", "kvpress:tova")
+    assert config_from(args).block_size == 32
 
 
 def test_worker_imports_no_kvmem_and_only_the_standard_library_at_module_level() -> None:

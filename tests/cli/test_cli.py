@@ -159,6 +159,7 @@ def test_bench_help_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
         (["--budgets", "0.5,abc"], "--budgets"),
         (["--budgets", "1.5"], "budgets are shares"),
         (["--tasks", "passkey,nope"], "unknown task"),
+        (["--block-size", "0"], "--block-size must be at least 1"),
     ]:
         assert main(["bench", *args, "--out", "/nonexistent/never-written"]) == 2
         err = capsys.readouterr().err

@@ -237,9 +237,8 @@ def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel, policy: 
         assert layer.held + layer.num_low > 8  # more tokens visible than an eviction would keep
         keys, _ = layer.past().dense()  # low (dequantized), then high: [H, T, D]
         assert keys.shape[1] == layer.held + layer.num_low
-        # demoted tokens are stored packed: every full low block is a quantized byte buffer
-        full_low = layer.num_low // 4
-        assert all(p is not None for p in layer.low.packed[: full_low - 1])
+        # demoted tokens are stored packed, in whole blocks: no full-precision residual in `low`
+        assert layer.num_low % 4 == 0 and all(p is not None for p in layer.low.packed)
         assert layer.attention is not None and layer.attention.shape[1] == keys.shape[1]
     assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
     seq.release()

@@ -44,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--speed-lengths", help="context lengths for the decode-speed plot, e.g. 512,1024 (0: skip it)"
     )
     bench.add_argument("--seed", type=int, help="seed of the first context (default 0)")
+    bench.add_argument(
+        "--block-size",
+        type=int,
+        help="tokens per KV block for kvmem's methods (default 64): a block format's last, partly "
+        "filled block stays at full precision, so a smaller block holds fewer full-precision tokens",
+    )
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument(
@@ -81,7 +87,7 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             why = f"--speed-lengths: token counts like 512,1024, got {args.speed_lengths!r}"
             raise ValueError(why) from None
         changes["speed_lengths"] = lengths
-    for name in ("length", "contexts", "mode", "seed"):
+    for name in ("length", "contexts", "mode", "seed", "block_size"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     return config.replace(**changes)

@@ -89,6 +89,8 @@ class BenchConfig:
                 raise ValueError(f"unknown kvpress press {method!r}; kvpress presses: {known}")
         if any(not 0 < b <= 1 for b in self.budgets):
             raise ValueError(f"budgets are shares of the full cache within (0, 1], got {self.budgets}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.length < 64 or self.contexts < 1 or self.speed_tokens < 2:
             raise ValueError("length must be at least 64 tokens, contexts and speed_tokens positive")
 

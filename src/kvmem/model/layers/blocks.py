@@ -7,7 +7,9 @@ re-sliced at every step: making thousands of views per step costs more than read
 With ``keep`` set (a sliding window), blocks whose tokens all fell out of the last ``keep`` are
 freed as new tokens arrive: real memory returned. With a block format (``Quantizer``), a full
 block is replaced by its quantized bytes as soon as the next block starts, so the last, partly
-filled block is the full-precision residual.
+filled block is the full-precision residual. With ``whole`` (a store that only ever receives
+whole blocks, such as mixed precision's demoted tokens), every block is quantized as it arrives
+and there is no residual.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class BlockList:
         fmt: Quantizer | None = None,
         keep: int | None = None,
         device: torch.device | None = None,
+        whole: bool = False,
     ) -> None:
+        assert not whole or (fmt is not None and keep is None), "whole blocks: a block format, no window"
+        self.whole = whole
         self.pool = pool
         self.num_heads, self.head_dim = num_heads, head_dim
         self.dtype = dtype
@@ -127,7 +132,11 @@ class BlockList:
             last_k[:, fill : fill + written] = k[:, :written]
             last_v[:, fill : fill + written] = v[:, :written]
             table.length += written
-        complete = max(0, (q - written - 1) // bs)  # the input's last token stays in full precision
+        if self.whole:
+            assert not residual and q % bs == 0, "a whole-block list receives whole blocks"
+            complete = q // bs
+        else:
+            complete = max(0, (q - written - 1) // bs)  # the input's last token stays in full precision
         full_residual = residual and table.last_fill == bs and q > written
         if complete == 0 and not full_residual:
             return written
@@ -217,7 +226,7 @@ class BlockList:
         plus one quantized block while the next full one is being converted."""
         if self.layout is None or n == 0:
             return n * self.block_bytes
-        return n * self.layout.nbytes + self.block_bytes
+        return n * self.layout.nbytes + (0 if self.whole else self.block_bytes)
 
     def bytes_to_append(self, q: int) -> tuple[int, int]:
         """(bytes held now, bytes held after appending ``q`` tokens in one forward), counting

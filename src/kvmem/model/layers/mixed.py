@@ -3,7 +3,9 @@
 Mixed precision (``kvmem.compress.mixed``) keeps the tokens an eviction would drop in a second,
 low-precision block list instead. ``high`` holds the important tokens as any layer does (full
 precision, or the policy's block format); ``low`` holds the demoted ones in a low-bit format
-(KIVI 2-bit by default: packed codes, counted by the pool). Attention sees ``low`` then ``high``:
+(KIVI 2-bit by default: packed codes, counted by the pool), in whole blocks only: demoted tokens
+are moved a block at a time and quantized at once, so ``low`` holds no full-precision residual
+(the few demoted tokens short of a whole block are dropped). Attention sees ``low`` then ``high``:
 order among past tokens does not matter (RoPE is applied before storage) and the newest tokens
 stay last.
 """
@@ -46,7 +48,7 @@ class MixedLayer(KVLayer):
         )
         super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
         self.high = BlockList(pool, num_heads, head_dim, dtype, fmt, None, self.device)
-        self.low = BlockList(pool, num_heads, head_dim, dtype, low, None, self.device)
+        self.low = BlockList(pool, num_heads, head_dim, dtype, low, None, self.device, whole=True)
         # low-precision tokens per high-precision token, so that `low_share` of the bytes go low
         high_block = self.high.cost_of_blocks(2) - self.high.cost_of_blocks(1)
         low_block = self.low.cost_of_blocks(2) - self.low.cost_of_blocks(1)
@@ -95,8 +97,8 @@ class MixedLayer(KVLayer):
         return keys, values, attention, None
 
     def cost_of_blocks(self, n: int) -> int:
-        """Most bytes with ``n`` high-precision blocks and ``ratio * n`` low ones (+ their residual)."""
-        return 0 if n == 0 else self.high.cost_of_blocks(n) + self.low.cost_of_blocks(self.ratio * n + 1)
+        """Most bytes with ``n`` high-precision blocks and ``ratio * n`` low ones."""
+        return 0 if n == 0 else self.high.cost_of_blocks(n) + self.low.cost_of_blocks(self.ratio * n)
 
     def bytes_to_append(self, q: int) -> tuple[int, int]:
         before, after = self.high.bytes_to_append(q)
@@ -122,8 +124,8 @@ class MixedLayer(KVLayer):
     @torch.inference_mode()
     def demote(self, keep: torch.Tensor, low_capacity: int) -> None:
         """Keep the high-precision slots ``keep`` ([H, k], ascending per head); move the others to
-        ``low``, which then holds at most ``low_capacity`` tokens: its oldest full blocks go first,
-        then, if still over, the demoted tokens that came last."""
+        ``low``, which then holds at most ``low_capacity`` tokens: its oldest blocks go first, then,
+        if still over, the demoted tokens that came last; whole blocks only (the rest is dropped)."""
         heads, held = keep.shape[0], self.high.held
         dropped = torch.ones((heads, held), dtype=torch.bool, device=keep.device)
         dropped.scatter_(1, keep, False)
@@ -133,7 +135,7 @@ class MixedLayer(KVLayer):
         while n_low - old_blocks * bs + demoted.shape[1] > low_capacity and (old_blocks + 1) * bs <= n_low:
             old_blocks += 1
         room = max(0, low_capacity - (n_low - old_blocks * bs))
-        demoted = demoted[:, :room]
+        demoted = demoted[:, : min(room, demoted.shape[1]) // bs * bs]
         high_k, high_v = self.high.dense()  # [H, T_high, D]
         index = demoted.unsqueeze(-1).expand(-1, -1, self.head_dim)
         moved_k, moved_v = high_k.gather(1, index), high_v.gather(1, index)  # [H, d, D]
