@@ -250,10 +250,7 @@ class PrefixCache:
     def flush(self) -> int:
         """Write every published block not yet in the tiers (to Redis in one pipeline); blocks written."""
         entries = [e for e in (self.index.get(k) for k in self._unsaved) if e is not None]
-        if self.redis is not None and entries:
-            self.redis.put_many([self._stored(e) for e in entries])
-        for entry in entries:
-            self._to_disk(entry)
+        self._write([self._stored(e) for e in entries])
         self._unsaved.clear()
         return len(entries)
 
@@ -267,19 +264,22 @@ class PrefixCache:
         """Write an entry to the tiers if it is not there yet (before the pool frees it)."""
         if entry.key not in self._unsaved:
             return
-        if self.redis is not None:
-            self.redis.put_many([self._stored(entry)])
-        self._to_disk(entry)
+        self._write([self._stored(entry)])
         self._unsaved.pop(entry.key)
 
-    def _to_disk(self, entry: Entry) -> None:
-        if self.disk is None or entry.key in self.disk:
+    def _write(self, stored: list[tuple[bytes, dict[str, torch.Tensor], dict[str, str]]]) -> None:
+        """Stored blocks to Redis (one pipeline) and to disk (those not there yet)."""
+        if self.redis is not None and stored:
+            self.redis.put_many(stored)
+        if self.disk is None:
             return
-        key, tensors, meta = self._stored(entry)
-        try:
-            self.disk.put(key, tensors, meta)
-        except OSError:  # a full or read-only disk costs a later recomputation, never this request
-            self.disk.stats.write_errors += 1
+        for key, tensors, meta in stored:
+            if key in self.disk:
+                continue
+            try:
+                self.disk.put(key, tensors, meta)
+            except OSError:  # a full or read-only disk costs a later recomputation, never this request
+                self.disk.stats.write_errors += 1
 
     def clear(self) -> None:
         """Drop every cached block from RAM (the disk tier keeps what was written)."""

@@ -106,13 +106,6 @@ class RedisTier:
         self._down_until = time.monotonic() + self.retry_after_s
         self.client.connection_pool.disconnect()  # a half-read reply must not poison the next call
 
-    def ping(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except redis_py.RedisError:
-            self._failed()
-            return False
-
     # --- reads
     def get(self, key: bytes, expect: dict[str, str] | None = None) -> Found | None:
         return self.get_many([key], expect)[0]
@@ -166,6 +159,9 @@ class RedisTier:
         """Store every block (pipelined); bytes written (0 where the server could not take them)."""
         written = 0
         for i in range(0, len(blocks), _BATCH):
+            if not self.available:  # resting: no encoding for a write that will not be made
+                self.stats.skipped += 1
+                continue
             values = [(self.name(k), blockcodec.encode(k, t, m)) for k, t, m in blocks[i : i + _BATCH]]
 
             def run(values: list[tuple[str, bytes]] = values) -> list[object]:
@@ -181,10 +177,6 @@ class RedisTier:
             self.stats.bytes_written += n
             written += n
         return written
-
-    def delete(self, keys: Sequence[bytes]) -> None:
-        if keys:
-            self._call(lambda: self.client.delete(*[self.name(k) for k in keys]))
 
     def _call(self, fn: Callable[[], T]) -> T | None:
         """``fn()``, or None if the server is off or fails (counted; the tier rests a while)."""

@@ -94,8 +94,6 @@ class KVMemConnector(KVConnectorBase_V1):
         self.planner = Planner(self.block_size, self.tier.contains_many)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
-        self.loaded_blocks = 0
-        self.stored_blocks = 0
         logger.info("KVMemConnector (%s) on %s: %s", role.name, settings.redis_url, self.identity)
 
     # ---------------------------------------------------------------- scheduler side
@@ -171,7 +169,6 @@ class KVMemConnector(KVConnectorBase_V1):
                 for layer, cache in zip(kv, layers):
                     cache[ref.block_id].copy_(layer)
                 ok += 1
-            self.loaded_blocks += ok
             logger.info(
                 "kvmem: loaded %d of %d blocks of %s from Redis (%d failed: recomputed)",
                 ok,
@@ -198,8 +195,7 @@ class KVMemConnector(KVConnectorBase_V1):
             kv = torch.stack([cache[ref.block_id] for cache in layers])  # [L, H, bs, 2D]
             meta = {"model": self.identity, "depth": str(ref.depth)}
             blocks.append((ref.key, {"kv": self.format.encode(kv)}, meta))
-        if self.tier.put_many(blocks):
-            self.stored_blocks += len(blocks)
+        self.tier.put_many(blocks)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
