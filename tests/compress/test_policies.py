@@ -52,6 +52,8 @@ COMBINATIONS = [
     "snapkv+mixed+kivi4",
     "snapkv+mixed-rot2+kivi8",
     "snapkv+bfp4",
+    "snapkv+rotk3v2+res8",
+    "snapkv+mixed-rot2+rotk4v2+res8",
 ]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvmem.compress.kivi import KIVI
+from kvmem.compress.residual import RotatedTokens
 from kvmem.kv.pool import KVPool, PoolConfig
 from kvmem.model import kernel
 from kvmem.model.attention import sdpa
@@ -30,11 +31,17 @@ def reference(q: torch.Tensor, nk: torch.Tensor, nv: torch.Tensor, pasts: list[P
     return torch.stack(out)
 
 
-def lists(dtype: torch.dtype, fmt: KIVI | None, lengths: list[int], keep: int | None) -> list[BlockList]:
+def lists(
+    dtype: torch.dtype,
+    fmt: KIVI | None,
+    lengths: list[int],
+    keep: int | None,
+    residual: RotatedTokens | None = None,
+) -> list[BlockList]:
     pool = KVPool(PoolConfig(block_size=BS))
     made = []
     for n in lengths:
-        blocks = BlockList(pool, H, D, dtype, fmt, keep)
+        blocks = BlockList(pool, H, D, dtype, fmt, keep, residual=residual)
         for start in range(0, n, 5):  # appended in pieces, as decoding does
             size = min(5, n - start)
             blocks.append(torch.randn(H, size, D).to(dtype), torch.randn(H, size, D).to(dtype))
@@ -42,11 +49,17 @@ def lists(dtype: torch.dtype, fmt: KIVI | None, lengths: list[int], keep: int | 
     return made
 
 
-@pytest.mark.parametrize("fmt", [None, KIVI(4), KIVI(2), KIVI(8)], ids=["full", "kivi4", "kivi2", "kivi8"])
+@pytest.mark.parametrize(
+    ("fmt", "residual"),
+    [(None, None), (KIVI(4), None), (KIVI(2), None), (KIVI(8), None), (KIVI(4), RotatedTokens(8))],
+    ids=["full", "kivi4", "kivi2", "kivi8", "kivi4+res8"],
+)
 @pytest.mark.parametrize("keep", [None, 13], ids=["all", "window"])
-def test_kernel_matches_the_pytorch_path(fmt: KIVI | None, keep: int | None) -> None:
+def test_kernel_matches_the_pytorch_path(
+    fmt: KIVI | None, residual: RotatedTokens | None, keep: int | None
+) -> None:
     torch.manual_seed(0)
-    blocks = lists(torch.float32, fmt, [0, 3, 8, 29, 70], keep)
+    blocks = lists(torch.float32, fmt, [0, 3, 8, 29, 70], keep, residual)
     b = len(blocks)
     q, nk, nv = torch.randn(b, H * G, D), torch.randn(b, H, D), torch.randn(b, H, D)
     pasts = [x.past(last=keep) for x in blocks]

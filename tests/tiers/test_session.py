@@ -37,6 +37,8 @@ CASES = [
     ("gemma", None, None),  # sliding-window layers that have dropped blocks
     ("llama", "kivi4", None),  # quantized blocks stay packed bytes
     ("gemma", "kivi4", None),
+    ("gemma", "rotk3v2+res8", None),  # the block being filled in its own format, in every layer
+    ("llama", "snapkv+mixed-rot2+rotk4v2+res8", "16KiB"),
     ("llama", "bfp4", None),  # the layout's key-channel permutation
     ("llama", "h2o", "16KiB"),  # accumulated attention
     ("llama", "snapkv+kivi4", "16KiB"),  # recent queries, quantized
@@ -97,6 +99,10 @@ def test_round_trip_is_exact(
     if policy is not None and "kivi4" in policy:  # compressed blocks were saved as their bytes
         _, tensors = read_session(path)
         assert any(name.endswith(".packed") and t.dtype == torch.uint8 for name, t in tensors.items())
+    if policy is not None and "res8" in policy:  # and the block being filled as its own bytes
+        _, tensors = read_session(path)
+        assert any(name.endswith(".partial") and t.dtype == torch.uint8 for name, t in tensors.items())
+        assert not any(name.endswith(".full") for name in tensors)
     # saving what was loaded writes the same header and tensor bytes (the same checksum)
     again = loaded_session.save(tmp_path / "again.kvsession")
     assert metadata(again) == metadata(path)

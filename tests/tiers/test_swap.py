@@ -23,7 +23,14 @@ def blocks_of(seq: Sequence) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("policy", "budget"),
-    [(None, None), ("kivi4", None), ("h2o", "24tok"), ("snapkv+adakv", "24tok"), ("h2o+mixed", "24tok")],
+    [
+        (None, None),
+        ("kivi4", None),
+        ("kivi4+res8", None),
+        ("h2o", "24tok"),
+        ("snapkv+adakv", "24tok"),
+        ("h2o+mixed", "24tok"),
+    ],
 )
 def test_swap_out_and_in_restores_every_block_and_the_scorer_state(
     tiny: LoadedModel, tmp_path: Path, policy: str | None, budget: str | None

@@ -85,7 +85,7 @@ class KIVI:
 
     @property
     def summary(self) -> str:
-        return f"KIVI {self.bits}-bit: keys per channel, values per token, last block exact"
+        return f"KIVI {self.bits}-bit: keys per channel, values per token, last block exact (or +res8)"
 
     def layout(self, heads: int, block_size: int, head_dim: int) -> BlockLayout:
         return BlockLayout(

@@ -26,7 +26,7 @@ from kvmem.compress.offload import Offload
 from kvmem.compress.scorer import ScoreInputs, Scorer
 from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache import KVMemCache
-from kvmem.model.format import Quantizer
+from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers import KVLayer, LayerSpec, default_spec
 from kvmem.model.spec import ModelSpec
 
@@ -43,6 +43,8 @@ class Policy:
     evicted until its last chunk has run; then every layer is cut to its capacity with the whole
     prompt, and so the question at its end, in view (kvpress's way; SnapKV's observation window is
     then the prompt's last queries). Decoding steps compress as usual.
+
+    ``residual``: the format of each layer's block being filled (``res8``), beside ``quant``.
     """
 
     scorer: Scorer | None
@@ -54,8 +56,14 @@ class Policy:
     mixed: MixedPrecision | None = None
     offload: Offload | None = None
     after_prompt: bool = False
+    residual: TokenFormat | None = None
 
     def __post_init__(self) -> None:
+        if self.residual is not None and self.quant is None:
+            raise ValueError(
+                f"{self.residual.name} holds the block being filled at low bits; it needs a block "
+                "format for the full blocks (rotk4v2+res8, kivi4+res8, …)"
+            )
         if self.after_prompt and self.scorer is None:
             raise ValueError("compressing after the prompt needs an eviction method (snapkv, h2o, …)")
         if self.offload is not None:
@@ -88,7 +96,16 @@ class Policy:
     @property
     def name(self) -> str:
         allocator = None if isinstance(self.allocator, Uniform) else self.allocator
-        parts = (self.scorer, allocator, self.heads, self.mixed, self.merge, self.quant, self.offload)
+        parts = (
+            self.scorer,
+            allocator,
+            self.heads,
+            self.mixed,
+            self.merge,
+            self.quant,
+            self.residual,
+            self.offload,
+        )
         return "+".join(part.name for part in parts if part is not None)
 
     def layer_specs(self, spec: ModelSpec) -> list[LayerSpec]:
@@ -96,7 +113,7 @@ class Policy:
         specs = []
         for window in spec.windows:
             if window is not None:  # sliding layers are never evicted from: their window bounds them
-                specs.append(default_spec(window, self.quant))
+                specs.append(default_spec(window, self.quant, self.residual))
             elif self.offload is not None:
                 specs.append(
                     LayerSpec(
@@ -104,12 +121,12 @@ class Policy:
                     )
                 )
             elif self.heads is not None:
-                specs.append(LayerSpec("perhead", self.quant))
+                specs.append(LayerSpec("perhead", self.quant, residual=self.residual))
             elif self.mixed is not None:
                 options = (("low", self.mixed.low), ("low_share", self.mixed.low_share))
-                specs.append(LayerSpec("mixed", self.quant, options))
+                specs.append(LayerSpec("mixed", self.quant, options, self.residual))
             else:
-                specs.append(default_spec(None, self.quant))
+                specs.append(default_spec(None, self.quant, self.residual))
         return specs
 
     def byte_budget(self, cache: KVMemCache) -> int | None:

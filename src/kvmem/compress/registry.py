@@ -13,6 +13,7 @@ from kvmem.compress.mixed import NAME as MIXED
 from kvmem.compress.mixed import MixedPrecision
 from kvmem.compress.offload import Offload
 from kvmem.compress.policy import Policy
+from kvmem.compress.residual import RotatedTokens, parse_residual
 from kvmem.compress.rotated import RotatedQuant, parse_rotated
 from kvmem.compress.scorer import Scorer
 from kvmem.compress.scorers.h2o import H2O
@@ -49,6 +50,10 @@ QUANTIZERS: dict[str, Quantizer] = {
 """The quantizers listed by ``kvmem policies``; any ``rot…`` width pair is accepted (``find_quantizer``)."""
 
 
+RESIDUALS = {r.name: r for r in (RotatedTokens(8), RotatedTokens(4))}
+"""The residual formats listed by ``kvmem policies``; ``res4`` … ``res8`` are accepted."""
+
+
 def find_quantizer(name: str) -> Quantizer | None:
     """A registered quantizer, or a rotated one of any widths (``rotk4v3``, ``rotu2``); else None."""
     return QUANTIZERS.get(name) or parse_rotated(name)
@@ -63,7 +68,7 @@ def make_scorer(name: str) -> Scorer:
         return SCORERS[name.strip().lower()]()
     except KeyError:
         parts = [*SCORERS, *ALLOCATORS, AdaKV.name, MIXED, f"{MIXED}-<format>", Merge.name]
-        known = ", ".join([*parts, *QUANTIZERS, Offload.name])
+        known = ", ".join([*parts, *QUANTIZERS, *RESIDUALS, Offload.name])
         raise UnknownPolicyError(
             f"unknown policy {name!r}; known policies: {known}, or one of each joined by '+' "
             "(see `kvmem policies`)"
@@ -72,7 +77,7 @@ def make_scorer(name: str) -> Scorer:
 
 def make_policy(spec: str, budget: KVBudget) -> Policy:
     """``"snapkv"``, ``"kivi4"`` or a combination such as ``"snapkv+kivi4"`` (at most one of each)."""
-    scorers, quants, allocators, merges, heads, mixed = [], [], [], [], [], []
+    scorers, quants, allocators, merges, heads, mixed, residuals = [], [], [], [], [], [], []
     parts = [p.strip().lower() for p in spec.split("+")]
     if Offload.name in parts:
         if len(parts) > 1:
@@ -90,6 +95,8 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
                     f"policy {spec!r}: {part!r} names no block format (mixed-kivi2, mixed-rot2, …)"
                 )
             mixed.append(MixedPrecision(low))
+        elif (residual := parse_residual(part)) is not None:
+            residuals.append(residual)
         elif part == Merge.name:
             merges.append(Merge())
         elif part == AdaKV.name:
@@ -100,10 +107,15 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
             allocators.append(ALLOCATORS[part])
         else:
             scorers.append(make_scorer(part))
-    if any(len(parts) > 1 for parts in (scorers, quants, allocators, merges, heads, mixed)):
+    if any(len(parts) > 1 for parts in (scorers, quants, allocators, merges, heads, mixed, residuals)):
         raise UnknownPolicyError(
             f"policy {spec!r}: combine at most one eviction method, one layer allocation, one head "
-            "allocation, merging and one quantizer"
+            "allocation, merging, one quantizer and one residual format"
+        )
+    if residuals and not quants:
+        raise UnknownPolicyError(
+            f"policy {spec!r}: {residuals[0].name} holds the block being filled at low bits beside a "
+            "block format; add one (rotk4v2+res8, kivi4+res8, …)"
         )
     if (allocators or merges or heads or mixed) and not scorers:
         raise UnknownPolicyError(f"policy {spec!r}: '{spec}' needs an eviction method to apply")
@@ -123,6 +135,7 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
         merges[0] if merges else None,
         heads[0] if heads else None,
         mixed[0] if mixed else None,
+        residual=residuals[0] if residuals else None,
     )
 
 
@@ -133,5 +146,6 @@ def describe_policies() -> list[tuple[str, str]]:
     rows.append((MIXED, MixedPrecision.summary))
     rows.append((Merge.name, Merge.summary))
     rows += [(name, f"{q.summary} ({describe_bits(q)})") for name, q in QUANTIZERS.items()]
+    rows += [(name, f"{r.summary} ({describe_bits(r)})") for name, r in RESIDUALS.items()]
     rows.append((Offload.name, Offload.summary))
     return rows

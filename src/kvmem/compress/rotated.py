@@ -45,6 +45,25 @@ ROTATED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 _FP16_MAX = 65504.0
 
 
+def vector_codes(r: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each vector's nearest codes at unit scale and its least-squares scale:
+    r float32 [..., T, D] -> codes uint8 [..., T, D], scales float32 [..., T, 1]."""
+    levels = levels.to(r.device)
+    d = r.shape[-1]
+    unit = r.norm(dim=-1, keepdim=True) / d**0.5  # [..., T, 1]
+    codes = nearest(r / torch.where(unit > 0, unit, torch.ones_like(unit)), levels)
+    q = levels[codes.long()]  # [..., T, D]
+    denom = (q * q).sum(-1, keepdim=True)
+    scale = (r * q).sum(-1, keepdim=True) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return codes, scale
+
+
+def check_fp16(stats: list[torch.Tensor]) -> None:
+    """Raise ``KVMemError`` if a statistic stored as float16 would not fit in it."""
+    if any(bool((s.abs() > _FP16_MAX).any()) for s in stats):
+        raise KVMemError("rotated quantizer: keys or values exceed float16's range")
+
+
 @dataclass(frozen=True)
 class RotatedLayout:
     heads: int
@@ -107,7 +126,7 @@ class RotatedQuant:
         book = "Lloyd-Max" if self.codebook == "lloyd" else "uniform"
         return (
             f"rotated (seeded Hadamard per head), {book} codes: keys {self.key_bits}-bit (centred per "
-            f"block), values {self.value_bits}-bit, one float16 scale per vector; last block exact"
+            f"block), values {self.value_bits}-bit, one float16 scale per vector; last block exact (or +res8)"
         )
 
     def levels(self, bits: int) -> torch.Tensor:
@@ -116,18 +135,6 @@ class RotatedQuant:
     def layout(self, heads: int, block_size: int, head_dim: int) -> RotatedLayout:
         return RotatedLayout(heads, block_size, head_dim, self.key_bits, self.value_bits)
 
-    def _codes(self, r: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """r float32 [..., T, D] -> codes uint8 [..., T, D], scales float32 [..., T, 1]."""
-        levels = self.levels(bits).to(r.device)
-        d = r.shape[-1]
-        norm = r.norm(dim=-1, keepdim=True)  # [..., T, 1]
-        unit = norm / d**0.5
-        codes = nearest(r / torch.where(unit > 0, unit, torch.ones_like(unit)), levels)
-        q = levels[codes.long()]  # [..., T, D]
-        denom = (q * q).sum(-1, keepdim=True)
-        scale = (r * q).sum(-1, keepdim=True) / torch.where(denom > 0, denom, torch.ones_like(denom))
-        return codes, scale
-
     def encode(
         self, keys: torch.Tensor, values: torch.Tensor, layout: RotatedLayout, out: torch.Tensor
     ) -> None:
@@ -135,11 +142,10 @@ class RotatedQuant:
         m = rotations(self.seed, layout.heads, layout.head_dim, keys.device)  # [H, D, D]
         k = rotate(keys, m)  # [..., H, bs, D] float32
         mean = k.mean(dim=-2, keepdim=True)  # [..., H, 1, D]
-        k_codes, k_scale = self._codes(k - mean, self.key_bits)
-        v_codes, v_scale = self._codes(rotate(values, m), self.value_bits)
+        k_codes, k_scale = vector_codes(k - mean, self.levels(self.key_bits))
+        v_codes, v_scale = vector_codes(rotate(values, m), self.levels(self.value_bits))
         stats = [mean, k_scale, v_scale]
-        if any(bool((s.abs() > _FP16_MAX).any()) for s in stats):
-            raise KVMemError("rotated quantizer: keys or values exceed float16's range")
+        check_fp16(stats)
         parts = [
             *(s.to(torch.float16) for s in stats),
             pack(k_codes, self.key_bits),

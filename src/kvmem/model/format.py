@@ -1,10 +1,13 @@
-"""The block-format contract (``Quantizer``): how a layer stores a full block of keys and values in bytes.
+"""The block-format contracts (``Quantizer``, ``TokenFormat``): how a layer stores keys and values in bytes.
 
 A quantizer turns one full block (keys, values: [H, bs, D]) into one ``uint8`` buffer of exactly
 ``layout.nbytes`` bytes, so the pool counts the real bytes held, and back. A layer's block list
 calls ``layout`` once and passes that same object to every ``encode`` and ``decode`` of the layer.
 
-The contract lives here, on the storage floor; the formats themselves (KIVI, BFP) are
+A ``TokenFormat`` holds the block still being filled (the residual, full precision otherwise):
+it encodes tokens slot by slot as they arrive, so the residual costs its bits too.
+
+The contracts live here, on the storage floor; the formats themselves (KIVI, BFP, rotated) are
 compression methods in ``kvmem.compress`` and are handed to the layers by a policy.
 """
 
@@ -68,3 +71,34 @@ def write_parts(out: torch.Tensor, nbytes: int, parts: list[torch.Tensor]) -> No
         offset += raw.shape[1]
     if offset != nbytes:
         raise ValueError(f"the parts hold {offset} bytes per block, the layout {nbytes}")
+
+
+class TokenFormat(Protocol[L]):
+    """A format for the block still being filled (a block list's residual): tokens are encoded
+    one slot at a time, so a partial block is held in it from its first token. ``L`` is its
+    layout type, with the same ``nbytes`` meaning as a block format's.
+
+    ``write`` encodes keys, values ([H, n, D]) into slots ``[start, start + n)`` of ``out`` (uint8
+    [layout.nbytes]) and touches no other slot; it keeps no reference to its inputs.
+    ``read`` decodes every slot of ``buffer`` (uint8 [nbytes]) into keys, values [H, bs, D] in
+    ``dtype``; slots never written decode to zeros, if the buffer was zeroed.
+    """
+
+    @property
+    def name(self) -> str: ...  # registry name, e.g. "res8"
+
+    @property
+    def bits(self) -> float: ...  # nominal bits of each element's code
+
+    @property
+    def summary(self) -> str: ...
+
+    def layout(self, heads: int, block_size: int, head_dim: int) -> L: ...
+
+    def write(
+        self, keys: torch.Tensor, values: torch.Tensor, layout: L, out: torch.Tensor, start: int
+    ) -> None: ...
+
+    def read(
+        self, buffer: torch.Tensor, layout: L, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...

@@ -22,8 +22,8 @@ from kvmem.errors import CorruptCacheError, KVBudgetError, SessionMismatchError
 from kvmem.kv.pool import block_nbytes
 from kvmem.model.cache import KVMemCache
 from kvmem.model.layers import BlockList, KVLayer
+from kvmem.model.layers.blocks import FULL, PACKED, PARTIAL  # a block's kind in a part's ``blocks`` string
 
-FULL, PACKED = "f", "q"  # a block's kind in a part's ``blocks`` string
 _STATE = ("recent_queries", "attention")  # scorer state kept on a layer (kvmem.compress.observe)
 
 
@@ -64,21 +64,24 @@ def snapshot(cache: KVMemCache) -> Snapshot:
 
 def _snapshot_part(part: BlockList, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     blocks = part.blocks()
-    full = [block for block, quantized in blocks if not quantized]  # each [2, H, bs, D]
-    packed = [block for block, quantized in blocks if quantized]  # each uint8 [nbytes]
+    full = [block for block, kind in blocks if kind == FULL]  # each [2, H, bs, D]
+    packed = [block for block, kind in blocks if kind == PACKED]  # each uint8 [nbytes]
+    partial = [block for block, kind in blocks if kind == PARTIAL]  # the residual's uint8 [nbytes]
     if full:
         stacked = torch.stack(full).cpu()  # [n, 2, H, bs, D]; only the last block may be part-filled
         stacked[-1, :, :, part.table.last_fill :] = 0  # its unused slots hold no token: saved as zeros
         tensors[f"{name}.full"] = stacked
     if packed:
         tensors[f"{name}.packed"] = torch.stack(packed).cpu()  # [n, nbytes]
+    if partial:  # its unwritten slots are zeros since allocation
+        tensors[f"{name}.partial"] = torch.stack(partial).cpu()  # [1, nbytes]
     permutation = getattr(part.layout, "permutation", None)  # BFP: chosen by the first block
     if permutation is not None:
         tensors[f"{name}.permutation"] = permutation.cpu().contiguous().clone()
     return {
         "start": part.table.start,
         "length": part.table.length,
-        "blocks": "".join(PACKED if quantized else FULL for _, quantized in blocks),
+        "blocks": "".join(kind for _, kind in blocks),
         "dtype": str(part.dtype).removeprefix("torch."),
     }
 
@@ -91,7 +94,10 @@ def bytes_needed(cache: KVMemCache, header: dict[str, Any]) -> int:
             blocks = state["parts"][suffix]["blocks"]
             full = block_nbytes(part.num_heads, part.head_dim, part.block_size, part.dtype)
             packed = 0 if part.layout is None else part.layout.nbytes
-            total += blocks.count(FULL) * full + blocks.count(PACKED) * packed
+            partial = 0 if part.residual_layout is None else part.residual_layout.nbytes
+            total += (
+                blocks.count(FULL) * full + blocks.count(PACKED) * packed + blocks.count(PARTIAL) * partial
+            )
     return total
 
 
@@ -153,17 +159,20 @@ def _restore_part(
     full = _blocks(tensors, f"{name}.full", blocks.count(FULL), (2, part.num_heads, bs, part.head_dim), dtype)
     nbytes = 0 if part.layout is None else part.layout.nbytes
     packed = _blocks(tensors, f"{name}.packed", blocks.count(PACKED), (nbytes,), torch.uint8)
+    res_nbytes = 0 if part.residual_layout is None else part.residual_layout.nbytes
+    partial = _blocks(tensors, f"{name}.partial", blocks.count(PARTIAL), (res_nbytes,), torch.uint8)
     start, length = int(state["start"]), int(state["length"])
     if not 0 <= start <= length or len(blocks) != -(-(length - start) // bs):
         raise CorruptCacheError(
             f"layer part {name}: {len(blocks)} blocks cannot hold tokens {start}..{length}"
         )
-    if (PACKED in blocks and part.layout is None) or set(blocks) - {FULL, PACKED}:
+    misplaced = PARTIAL in blocks[:-1] or (PARTIAL in blocks and part.residual_layout is None)
+    if (PACKED in blocks and part.layout is None) or misplaced or set(blocks) - {FULL, PACKED, PARTIAL}:
         raise CorruptCacheError(f"layer part {name}: block kinds {blocks!r} do not fit this layer")
     part.dtype, part.device = dtype, device
-    sources = {FULL: iter(full), PACKED: iter(packed)}
+    sources = {FULL: iter(full), PACKED: iter(packed), PARTIAL: iter(partial)}
     for kind in blocks:  # each added to the table at once, so that release() frees it on error
-        part.add_block(next(sources[kind]), packed=kind == PACKED)
+        part.add_block(next(sources[kind]), kind)
     part.table.start, part.table.length = start, length
     permutation = tensors.get(f"{name}.permutation")
     if permutation is not None:

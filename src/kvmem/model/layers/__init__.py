@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kvmem.kv.pool import KVPool
-from kvmem.model.format import Quantizer
+from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers.base import KVLayer, UnsupportedLayerError
 from kvmem.model.layers.blocks import BlockList
 from kvmem.model.layers.mixed import MixedLayer
@@ -31,24 +31,30 @@ NEEDS_STORE = frozenset({OffloadLayer.kind})  # kinds that are handed a BlockSto
 @dataclass(frozen=True)
 class LayerSpec:
     """One layer as a policy wants it: ``kind`` (a key of ``LAYER_KINDS``), a block format for
-    its full blocks (None: full precision), and keyword options of that kind (hashable pairs)."""
+    its full blocks (None: full precision), keyword options of that kind (hashable pairs), and
+    a format for the block being filled (``residual``; None: the model's dtype)."""
 
     kind: str = PagedLayer.kind
     fmt: Quantizer | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    residual: TokenFormat | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
             raise ValueError(f"unknown layer kind {self.kind!r}; known: {', '.join(LAYER_KINDS)}")
+        if self.residual is not None and self.fmt is None:
+            raise ValueError("a residual format needs a block format for the full blocks")
 
     @property
     def needs_store(self) -> bool:
         return self.kind in NEEDS_STORE
 
 
-def default_spec(window: int | None, fmt: Quantizer | None = None) -> LayerSpec:
+def default_spec(
+    window: int | None, fmt: Quantizer | None = None, residual: TokenFormat | None = None
+) -> LayerSpec:
     """A full-attention layer is paged, a sliding-window one is sliding; both in ``fmt``."""
-    return LayerSpec(SlidingLayer.kind if window is not None else PagedLayer.kind, fmt)
+    return LayerSpec(SlidingLayer.kind if window is not None else PagedLayer.kind, fmt, residual=residual)
 
 
 def build_layer(
@@ -65,6 +71,8 @@ def build_layer(
     options: dict[str, Any] = dict(spec.options)
     if spec.fmt is not None:
         options["fmt"] = spec.fmt
+    if spec.residual is not None:
+        options["residual"] = spec.residual
     if spec.needs_store:
         if store is None:
             raise ValueError(f"a {spec.kind} layer needs a block store")

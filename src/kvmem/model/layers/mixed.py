@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from kvmem.kv.pool import KVPool
-from kvmem.model.format import Quantizer
+from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers.base import KVLayer
 from kvmem.model.layers.blocks import BlockList
 from kvmem.model.past import Past, dense_ref
@@ -42,12 +42,13 @@ class MixedLayer(KVLayer):
         fmt: Quantizer | None = None,
         low: Quantizer | None = None,
         low_share: float = 0.5,
+        residual: TokenFormat | None = None,
     ) -> None:
         assert window is None and low is not None, (
             "mixed precision is for full-attention layers, with a low format"
         )
         super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
-        self.high = BlockList(pool, num_heads, head_dim, dtype, fmt, None, self.device)
+        self.high = BlockList(pool, num_heads, head_dim, dtype, fmt, None, self.device, residual=residual)
         self.low = BlockList(pool, num_heads, head_dim, dtype, low, None, self.device, whole=True)
         # low-precision tokens per high-precision token, so that `low_share` of the bytes go low
         high_block = self.high.cost_of_blocks(2) - self.high.cost_of_blocks(1)

@@ -9,7 +9,7 @@ import torch
 
 from kvmem.kv.pool import KVPool
 from kvmem.kv.table import BlockTable
-from kvmem.model.format import Quantizer
+from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers.base import KVLayer
 from kvmem.model.layers.blocks import BlockList
 from kvmem.model.past import Past
@@ -19,7 +19,7 @@ class PagedLayer(KVLayer):
     """Every token seen (or, after eviction, the ones kept), in position order, in ``blocks``.
 
     With a block format (KIVI, BFP, …) full blocks are stored quantized and the last, partly
-    filled block is the full-precision residual.
+    filled block is the residual: full precision, or in the ``residual`` format.
     """
 
     kind: ClassVar[str] = "paged"
@@ -34,9 +34,12 @@ class PagedLayer(KVLayer):
         window: int | None = None,
         device: torch.device | None = None,
         fmt: Quantizer | None = None,
+        residual: TokenFormat | None = None,
     ) -> None:
         super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
-        self.blocks = BlockList(pool, num_heads, head_dim, dtype, fmt, self.keep, self.device)
+        self.blocks = BlockList(
+            pool, num_heads, head_dim, dtype, fmt, self.keep, self.device, residual=residual
+        )
 
     @property
     def table(self) -> BlockTable:

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from kvmem.kv.pool import KVPool
-from kvmem.model.format import Quantizer
+from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers.base import KVLayer
 from kvmem.model.layers.blocks import BlockList
 from kvmem.model.past import Past, dense_ref
@@ -40,10 +40,14 @@ class PerHeadLayer(KVLayer):
         window: int | None = None,
         device: torch.device | None = None,
         fmt: Quantizer | None = None,
+        residual: TokenFormat | None = None,
     ) -> None:
         assert window is None, "per-head budgets are for full-attention layers"
         super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
-        self.heads = [BlockList(pool, 1, head_dim, dtype, fmt, None, self.device) for _ in range(num_heads)]
+        self.heads = [
+            BlockList(pool, 1, head_dim, dtype, fmt, None, self.device, residual=residual)
+            for _ in range(num_heads)
+        ]
 
     def parts(self) -> dict[str, BlockList]:
         return {f".h{h}": head for h, head in enumerate(self.heads)}
