@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvmem.bench.config import BenchConfig
-from kvmem.bench.report import ACCURACY_PNG, RESULTS_JSON, RESULTS_MD, SPEED_PNG, write
+from kvmem.bench.report import ACCURACY_PNG, PARETO_PNG, RESULTS_JSON, RESULTS_MD, SPEED_PNG, frontier, write
 from kvmem.bench.run import BenchResult, run_bench
 from kvmem.compress.bits import block_bits
 from kvmem.compress.kivi import KIVI
@@ -38,7 +38,7 @@ def result(llama: LoadedModel) -> BenchResult:
 
 def test_results_folder_has_json_table_and_plots(result: BenchResult, tmp_path: Path) -> None:
     paths = write(result, tmp_path)
-    assert {p.name for p in paths} == {RESULTS_JSON, RESULTS_MD, ACCURACY_PNG, SPEED_PNG}
+    assert {p.name for p in paths} == {RESULTS_JSON, RESULTS_MD, ACCURACY_PNG, PARETO_PNG, SPEED_PNG}
     data = json.loads((tmp_path / RESULTS_JSON).read_text())
     assert set(data) == {"config", "environment", "full_bytes", "records", "speed", "summary"}
     assert data["config"]["methods"] == list(CONFIG.methods) and data["config"]["seed"] == 0
@@ -55,7 +55,7 @@ def test_results_folder_has_json_table_and_plots(result: BenchResult, tmp_path: 
     assert "| 1.00 | 32.00 |" in full_row  # the tiny model is float32: 32 bits per element
     for method in CONFIG.methods:
         assert f"| `{method}` |" in table
-    for png in (ACCURACY_PNG, SPEED_PNG):
+    for png in (ACCURACY_PNG, PARETO_PNG, SPEED_PNG):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -126,3 +126,11 @@ def test_replot_redraws_a_results_folder_from_its_json(result: BenchResult, tmp_
     assert main(["bench", "--replot", str(tmp_path)]) == 0
     assert (tmp_path / RESULTS_MD).read_text() == table and (tmp_path / ACCURACY_PNG).stat().st_size > 0
     assert main(["bench", "--replot", str(tmp_path / "nothing")]) == 2
+
+
+def test_frontier_keeps_only_points_nothing_beats_with_as_few_bits() -> None:
+    points = [(4.0, 0.9), (3.2, 0.5), (6.0, 1.0), (3.2, 0.7), (5.0, 0.8), (2.0, 0.1), (8.0, 1.0)]
+    assert frontier(points, higher_is_better=True) == [(2.0, 0.1), (3.2, 0.7), (4.0, 0.9), (6.0, 1.0)]
+    kl = [(4.0, 0.03), (3.2, 0.06), (6.0, 0.01), (5.0, 0.05), (2.5, 0.2)]
+    assert frontier(kl, higher_is_better=False) == [(2.5, 0.2), (3.2, 0.06), (4.0, 0.03), (6.0, 0.01)]
+    assert frontier([], higher_is_better=True) == []

@@ -1,5 +1,7 @@
 """A bench run's results folder: ``results.json`` (everything), ``results.md`` (one row per method
-and budget) and two plots: ``accuracy_vs_bytes.png`` and ``decode_speed.png``."""
+and budget) and three plots: ``accuracy_vs_bytes.png``, ``pareto_bits.png`` (accuracy and KL
+against bits per element, each method and budget a point, the frontier drawn) and
+``decode_speed.png``."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from kvmem.bench.run import BenchResult
 from kvmem.errors import format_bytes
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
-ACCURACY_PNG, SPEED_PNG = "accuracy_vs_bytes.png", "decode_speed.png"
+ACCURACY_PNG, SPEED_PNG, PARETO_PNG = "accuracy_vs_bytes.png", "decode_speed.png", "pareto_bits.png"
 
 
 def _mean(values: list[float]) -> float:
@@ -55,6 +57,28 @@ def summarize(result: BenchResult) -> list[dict[str, object]]:
     return rows
 
 
+def bits_per_element(row: dict[str, object], dtype_bits: float) -> float | None:
+    """A summary row's bits per element of the context: every byte held over the full cache's
+    elements (its share of the full cache's bytes times the model dtype's bits)."""
+    ratio = row.get("kv_ratio")
+    return ratio * dtype_bits if isinstance(ratio, float) and not math.isnan(ratio) else None
+
+
+def frontier(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """The Pareto frontier of (bits, value) points: those no other point beats with as few bits or
+    fewer, in increasing bits."""
+    best: list[tuple[float, float]] = []
+    for bits, value in sorted(points, key=lambda p: (p[0], -p[1] if higher_is_better else p[1])):
+        if not best or (value > best[-1][1] if higher_is_better else value < best[-1][1]):
+            best.append((bits, value))
+    return best
+
+
+def _dtype_bits(result: BenchResult) -> float:
+    # results written before it was recorded: float32
+    return float(str(result.environment.get("dtype_bits", 32)))
+
+
 def _fmt(value: object, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -71,7 +95,7 @@ def markdown(result: BenchResult) -> str:
     head += ["bits/el"]  # bits per element of the context: every byte held over the full cache's elements
     head += ["TTFT s", "decode tok/s", "peak RSS"]
     env = result.environment
-    dtype_bits = float(str(env.get("dtype_bits", 32)))  # results written before it was recorded: float32
+    dtype_bits = _dtype_bits(result)
     lines = [
         f"model `{c.model}`, {c.length}-token prompts, mode `{c.mode}`, {c.contexts} context(s) per task, "
         f"seed {c.seed}; {env.get('threads')} threads, torch {env.get('torch')}, {env.get('seconds')} s",
@@ -91,9 +115,8 @@ def markdown(result: BenchResult) -> str:
         cells += [_fmt(row["accuracy"]), _fmt(row["gold_logprob"]), _fmt(row["ppl"]), _fmt(row["kl"], 3)]
         kv = row["kv_bytes"]
         cells += [format_bytes(int(kv)) if isinstance(kv, float) and not math.isnan(kv) else "-"]
-        ratio = row["kv_ratio"]
-        bits = ratio * dtype_bits if isinstance(ratio, float) else None
-        cells += [_fmt(ratio), _fmt(bits), _fmt(row["ttft_s"]), _fmt(row["decode_tokens_per_s"], 1)]
+        cells += [_fmt(row["kv_ratio"]), _fmt(bits_per_element(row, dtype_bits))]
+        cells += [_fmt(row["ttft_s"]), _fmt(row["decode_tokens_per_s"], 1)]
         cells += [format_bytes(int(row["peak_rss"]))]  # type: ignore[call-overload]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -149,6 +172,8 @@ def plot(result: BenchResult, out: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
+    paths.append(_pareto(result, rows, out / PARETO_PNG))
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     speeds: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for point in result.speed:
@@ -166,9 +191,60 @@ def plot(result: BenchResult, out: Path) -> list[Path]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / SPEED_PNG)
-    fig.savefig(paths[1], dpi=120)
+    fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def _pareto(result: BenchResult, rows: list[dict[str, object]], path: Path) -> Path:
+    """Accuracy and KL against bits per element: one point per method and budget (peers hollow),
+    labelled, and each panel's Pareto frontier as a step line."""
+    import matplotlib.pyplot as plt
+
+    dtype_bits = _dtype_bits(result)
+    panels = [
+        (m, hi) for m, hi in (("accuracy", True), ("kl", False)) if any(r.get(m) is not None for r in rows)
+    ]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(7 * max(1, len(panels)), 5), squeeze=False)
+    for ax, (metric, higher) in zip(axes[0], panels):
+        points = []
+        for i, row in enumerate(rows):
+            bits, value = bits_per_element(row, dtype_bits), row.get(metric)
+            if bits is None or not isinstance(value, float) or math.isnan(value):
+                continue
+            method = str(row["method"])
+            label = method if row["budget"] is None else f"{method} {row['budget']:.0%}"
+            style = _style(i, method)
+            hollow = style["linestyle"] == "--"
+            ax.scatter(
+                [bits],
+                [value],
+                marker=style["marker"],
+                s=40,
+                label=label,
+                facecolors="none" if hollow else style["color"],
+                edgecolors=style["color"],
+            )
+            points.append((bits, value))
+        edge = frontier(points, higher)
+        if edge:
+            xs, ys = zip(*edge)
+            ax.step(xs, ys, where="post", color="black", alpha=0.4, linewidth=1, label="frontier")
+        ax.axvline(dtype_bits / 10, color="grey", linestyle=":", linewidth=1, label="10% of the full cache")
+        if not higher:  # KL spans orders of magnitude; the full cache's 0 stays on the axis
+            ax.set_yscale("symlog", linthresh=0.01)
+            ax.set_ylim(bottom=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV bits per element, metadata and residual blocks included (log scale)")
+        ax.set_ylabel("exact match" if metric == "accuracy" else "KL vs the full cache (nats)")
+        ax.set_title(f"{result.config.model}, {result.config.length} tokens: {metric} vs bits per element")
+        ax.grid(True, alpha=0.3)
+        if points:
+            ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write(result: BenchResult, out: Path) -> list[Path]:
