@@ -104,12 +104,52 @@ def test_a_budget_too_small_for_the_summaries_is_refused_up_front(llama: LoadedM
     assert llm.generate(list(range(3, 40)), max_new_tokens=8).stats.new_tokens == 8  # a short one fits
 
 
-def test_offload_is_a_policy_of_its_own_with_a_byte_budget() -> None:
-    with pytest.raises(UnknownPolicyError, match="of its own"):
-        make_policy("offload+kivi4", KVBudget.parse("1MiB"))
+def test_offload_combines_with_a_block_format_only_and_needs_a_byte_budget() -> None:
+    for spec in ("offload+snapkv", "offload+mixed", "offload+kivi4+rot3", "offload+res8+res4"):
+        with pytest.raises(UnknownPolicyError, match="only"):
+            make_policy(spec, KVBudget.parse("1MiB"))
+    with pytest.raises(UnknownPolicyError, match="needs a block format"):
+        make_policy("offload+res8", KVBudget.parse("1MiB"))
     with pytest.raises(InvalidBudgetError, match="bytes"):
         make_policy("offload", KVBudget.parse("25%"))
     assert make_policy("offload", KVBudget.parse("1MiB")).name == "offload"
+    policy = make_policy("offload+rotk4v2+res8", KVBudget.parse("1MiB"))
+    assert policy.name == "rotk4v2+res8+offload"
+    assert make_policy(policy.name, KVBudget.parse("1MiB")) == policy
+
+
+@pytest.mark.parametrize("policy", ["offload+kivi4", "offload+rotk4v2+res8"])
+def test_packed_blocks_are_offloaded_and_fetched_as_their_bytes(llama: LoadedModel, policy: str) -> None:
+    # below what plain offload needs for its resident blocks at this length (44 KiB)
+    budget = 32 * 1024
+    plain = LLM(llama, block_size=8, kv_budget=budget, policy="offload")
+    with pytest.raises(KVBudgetError, match="offloading"):
+        plain.generate(list(range(3, 200)), max_new_tokens=40)
+    llm = LLM(llama, block_size=8, kv_budget=budget, policy=policy)
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 200))
+    seq.reserve(40)
+    logits = seq.prefill(512)
+    for _ in range(40):
+        assert llm.pool.bytes_used <= budget
+        assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
+        llm.pool.check_integrity()
+        logits = seq.step(int(logits.argmax()))
+    layers = [layer for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
+    assert layers and all(layer.num_offloaded > 20 and layer.reads > 0 for layer in layers)
+    for layer in layers:
+        layer.check()
+        # every block RAM holds is bytes: packed full blocks (resident and fetched), and with res8
+        # the block being filled too
+        kinds = {kind for _, kind in layer.blocks.blocks()}
+        assert kinds == ({"q", "r"} if "res8" in policy else {"q", "f"})
+        assert all(llm.pool.tensor(b).dtype == torch.uint8 for b in layer._fetched.values())
+    store = seq.cache.store
+    assert store is not None
+    stored = store.get(layers[0]._files[0])
+    assert stored is not None and stored["block"].dtype == torch.uint8  # on disk as its bytes
+    seq.release()
+    assert llm.pool.bytes_used == 0
 
 
 def test_an_offloading_chat_cannot_be_saved_yet(llama: LoadedModel, tmp_path: Path) -> None:

@@ -14,6 +14,12 @@ What it does, per full-attention layer (``kvmem.model.layers.offload.OffloadLaye
   resident tokens. Fetched blocks stay cached in RAM, least recently used first out, within what
   the budget leaves after the resident blocks and the summaries.
 
+With a block format (``offload+rotk4v2+res8``, ``offload+kivi4``) the resident, offloaded and
+fetched blocks are all the format's packed bytes, and with ``res8`` the block being filled too,
+so the resident floor and each fetch cost a fraction of a full-precision block (about a ninth
+for ``rotk4v2`` in float32): offloading then runs at budgets where the full-precision floor
+alone would exceed them.
+
 Simplifications, said plainly: Quest selects pages per query head and keeps the whole cache on
 the GPU; here one selection per layer serves all heads (the largest bound over heads and over
 the forward's queries), so a fetched block is read once for every head. ShadowKV and InfLLM

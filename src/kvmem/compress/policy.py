@@ -67,9 +67,9 @@ class Policy:
         if self.after_prompt and self.scorer is None:
             raise ValueError("compressing after the prompt needs an eviction method (snapkv, h2o, …)")
         if self.offload is not None:
-            others = (self.scorer, self.quant, self.merge, self.heads, self.mixed)
+            others = (self.scorer, self.merge, self.heads, self.mixed)
             if any(part is not None for part in others) or not isinstance(self.allocator, Uniform):
-                raise ValueError("offload is a policy of its own: it combines with no other part")
+                raise ValueError("offload combines with a block format (and res8) only")
             if self.budget.bytes is None:
                 raise InvalidBudgetError("offload needs a KV budget in bytes: the RAM its layers may hold")
             return
@@ -115,11 +115,8 @@ class Policy:
             if window is not None:  # sliding layers are never evicted from: their window bounds them
                 specs.append(default_spec(window, self.quant, self.residual))
             elif self.offload is not None:
-                specs.append(
-                    LayerSpec(
-                        "offload", options=(("sinks", self.offload.sinks), ("recent", self.offload.recent))
-                    )
-                )
+                places = (("sinks", self.offload.sinks), ("recent", self.offload.recent))
+                specs.append(LayerSpec("offload", self.quant, places, self.residual))
             elif self.heads is not None:
                 specs.append(LayerSpec("perhead", self.quant, residual=self.residual))
             elif self.mixed is not None:

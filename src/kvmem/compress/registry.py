@@ -80,11 +80,23 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
     scorers, quants, allocators, merges, heads, mixed, residuals = [], [], [], [], [], [], []
     parts = [p.strip().lower() for p in spec.split("+")]
     if Offload.name in parts:
-        if len(parts) > 1:
+        others = [part for part in parts if part != Offload.name]
+        quants = [q for q in map(find_quantizer, others) if q is not None]
+        residuals = [r for r in map(parse_residual, others) if r is not None]
+        if len(quants) + len(residuals) != len(others) or len(quants) > 1 or len(residuals) > 1:
             raise UnknownPolicyError(
-                f"policy {spec!r}: offload is a policy of its own, combined with nothing"
+                f"policy {spec!r}: offload combines with one block format and a residual format "
+                "only (offload+rotk4v2+res8)"
             )
-        return Policy(None, budget, offload=Offload())
+        if residuals and not quants:
+            raise UnknownPolicyError(f"policy {spec!r}: {residuals[0].name} needs a block format beside it")
+        return Policy(
+            None,
+            budget,
+            quants[0] if quants else None,
+            offload=Offload(),
+            residual=residuals[0] if residuals else None,
+        )
     for part in parts:
         if part == MIXED:
             mixed.append(MixedPrecision())

@@ -6,6 +6,11 @@ with the layer's queries and returns the keys and values of the blocks to attend
 resident ones. The layer never opens a file itself: it is given a ``BlockStore`` (the engine
 gives it a folder of the disk tier's checked files). Offloaded blocks are written once and never
 change, so a copy of the layer (a forked sequence) shares them through the store.
+
+With a block format (``fmt``: KIVI, rotated, …) every full block is held, offloaded, stored and
+fetched back as its packed bytes (decoded only for attention and for its summary), and with a
+``residual`` format the block being filled is bytes too: the resident floor and every fetched
+block cost the format's bytes, not the model dtype's.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from kvmem.errors import CorruptCacheError, KVBudgetError
 from kvmem.kv.pool import KVPool
 from kvmem.kv.table import BlockTable
+from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers.base import KVLayer
 from kvmem.model.layers.blocks import BlockList
 from kvmem.model.past import Past
@@ -82,10 +88,12 @@ class OffloadLayer(KVLayer):
         store: BlockStore | None = None,
         sinks: int = 1,
         recent: int = 2,
+        fmt: Quantizer | None = None,
+        residual: TokenFormat | None = None,
     ) -> None:
         assert window is None and store is not None, "offload is for full-attention layers, given a store"
         super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
-        self.blocks = BlockList(pool, num_heads, head_dim, dtype, None, None, self.device)
+        self.blocks = BlockList(pool, num_heads, head_dim, dtype, fmt, None, self.device, residual=residual)
         self.store = store
         self.sinks, self.recent = sinks, recent
         self.room: int | None = None  # bytes this layer may hold in RAM (None: no limit)
@@ -116,12 +124,26 @@ class OffloadLayer(KVLayer):
         return self.sinks + 2 * self.recent + 1
 
     @property
+    def packed(self) -> bool:
+        """Whether full blocks are a block format's bytes (else keys and values in the model dtype)."""
+        return self.blocks.layout is not None
+
+    @property
     def num_offloaded(self) -> int:
         return len(self._files)
 
     @property
     def block_bytes(self) -> int:
-        return self.blocks.block_bytes
+        """Bytes of a full block as held, offloaded and fetched: packed, or in the model dtype."""
+        return self.blocks.layout.nbytes if self.packed else self.blocks.block_bytes
+
+    def _resident_bytes(self, blocks: int) -> int:
+        """Most bytes of ``blocks`` resident blocks, the last being filled (in its residual format,
+        or full precision), plus, with a block format, one block being encoded beside it."""
+        if blocks == 0:
+            return 0
+        extra = self.block_bytes if self.packed else 0
+        return (blocks - 1) * self.block_bytes + self.blocks.residual_bytes + extra
 
     @property
     def summary_bytes(self) -> int:
@@ -157,13 +179,13 @@ class OffloadLayer(KVLayer):
     def min_bytes(self, tokens: int) -> int:
         """RAM the layer needs to serve ``tokens`` in all: resident blocks, every summary, one fetch."""
         blocks = -(-tokens // self.blocks.block_size)
-        return (self.resident_blocks + 1) * self.block_bytes + blocks * self.summary_bytes
+        return self._resident_bytes(self.resident_blocks) + self.block_bytes + blocks * self.summary_bytes
 
     def _capacity(self, resident_blocks: int) -> int:
         """Blocks that may be cached as fetched while ``resident_blocks`` are held."""
         if self.room is None:
             return self.num_offloaded
-        used = resident_blocks * self.block_bytes + len(self._summaries) * self.summary_bytes
+        used = self._resident_bytes(resident_blocks) + len(self._summaries) * self.summary_bytes
         return max(0, (self.room - used) // self.block_bytes)
 
     def _shrink(self, capacity: int, keep: frozenset[int] = frozenset()) -> None:
@@ -193,8 +215,9 @@ class OffloadLayer(KVLayer):
         tail = self.recent + (0 if table.last_fill == bs else 1)
         while len(table.block_ids) > self.sinks + tail:
             i = self.sinks
-            block = self.pool.tensor(table.block_ids[i])  # [2, H, bs, D]
-            box = torch.stack([block[0].amin(dim=1), block[0].amax(dim=1)]).float()  # [2, H, D]
+            block = self.pool.tensor(table.block_ids[i])  # [2, H, bs, D], or packed bytes
+            keys = self._decode([block])[0]  # [H, bs, D]
+            box = torch.stack([keys.amin(dim=1), keys.amax(dim=1)]).float()  # [2, H, D]
             key = hashlib.blake2b(f"{self._tag}:{len(self._files)}".encode(), digest_size=16).digest()
             self.store.put(key, {"block": block})
             self.blocks.drop_block(i)
@@ -221,23 +244,38 @@ class OffloadLayer(KVLayer):
         bounds = quest_bounds(query[0].detach(), self._summary_stack())  # [N]
         chosen = sorted(torch.topk(bounds, capacity).indices.tolist())
         self._shrink(capacity - sum(1 for i in chosen if i not in self._fetched), frozenset(chosen))
-        blocks = [self.pool.tensor(self._fetch(i)) for i in chosen]  # each [2, H, bs, D]
-        keys = torch.cat([b[0] for b in blocks], dim=1)
-        values = torch.cat([b[1] for b in blocks], dim=1)
+        keys, values = self._decode([self.pool.tensor(self._fetch(i)) for i in chosen])  # [H, k*bs, D]
         return keys.unsqueeze(0), values.unsqueeze(0)
+
+    def _decode(self, blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full blocks as held (each [2, H, bs, D], or packed bytes) -> keys, values [H, n*bs, D]."""
+        if not self.packed:
+            return torch.cat([b[0] for b in blocks], dim=1), torch.cat([b[1] for b in blocks], dim=1)
+        fmt, layout = self.blocks.fmt, self.blocks.layout
+        assert fmt is not None
+        keys, values = fmt.decode(torch.stack(blocks), layout, self.dtype)  # [N, H, bs, D]
+        h, d = self.num_heads, self.head_dim
+        keys, values = keys.transpose(0, 1).reshape(h, -1, d), values.transpose(0, 1).reshape(h, -1, d)
+        return keys.contiguous(), values.contiguous()  # token-major rows, as attention reads them
 
     def _fetch(self, index: int) -> int:
         if index in self._fetched:
             self._fetched.move_to_end(index)
             return self._fetched[index]
         found = self.store.get(self._files[index])
-        if found is None or "block" not in found:
+        stored = None if found is None else found.get("block")
+        expected = torch.uint8 if self.packed else self.dtype
+        size = 0 if stored is None else stored.numel() * stored.element_size()
+        if stored is None or stored.dtype != expected or size != self.block_bytes:
             raise CorruptCacheError(
                 f"offloaded KV block {index} of layer {self.layer_idx} is missing or damaged in "
                 f"{self.store.where}; it cannot be recomputed within this request"
             )
-        block_id = self.pool.allocate(self.num_heads, self.head_dim, self.dtype, self.device)
-        self.pool.tensor(block_id).copy_(found["block"])
+        if self.packed:
+            block_id = self.pool.allocate_raw(self.block_bytes, self.device)
+        else:
+            block_id = self.pool.allocate(self.num_heads, self.head_dim, self.dtype, self.device)
+        self.pool.tensor(block_id).copy_(stored)
         self._fetched[index] = block_id
         self.reads += 1
         return block_id
