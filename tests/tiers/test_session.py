@@ -38,6 +38,7 @@ CASES = [
     ("llama", "kivi4", None),  # quantized blocks stay packed bytes
     ("gemma", "kivi4", None),
     ("gemma", "rotk3v2+res8", None),  # the block being filled in its own format, in every layer
+    ("gemma", "rotk4v2+sliding-rot2+res8", None),  # sliding layers at a format of their own
     ("llama", "snapkv+mixed-rot2+rotk4v2+res8", "16KiB"),
     ("llama", "bfp4", None),  # the layout's key-channel permutation
     ("llama", "h2o", "16KiB"),  # accumulated attention

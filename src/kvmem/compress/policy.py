@@ -27,7 +27,7 @@ from kvmem.compress.scorer import ScoreInputs, Scorer
 from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache import KVMemCache
 from kvmem.model.format import Quantizer, TokenFormat
-from kvmem.model.layers import KVLayer, LayerSpec, default_spec
+from kvmem.model.layers import KVLayer, LayerSpec, UnsupportedLayerError, default_spec
 from kvmem.model.spec import ModelSpec
 
 
@@ -45,6 +45,12 @@ class Policy:
     then the prompt's last queries). Decoding steps compress as usual.
 
     ``residual``: the format of each layer's block being filled (``res8``), beside ``quant``.
+
+    ``sliding``: the block format of sliding-window layers (``sliding-rotk3v2``), where it differs
+    from ``quant``'s: precision by layer importance. A sliding layer attends to its last window
+    only and long-range retrieval rests on the full-attention layers (on Gemma 3 at 1k tokens,
+    rotated 2-bit keys in the 3 global layers cost 2.5x the KL that they cost in the 15 sliding
+    ones), so the full-attention layers can keep more bits than the local ones.
     """
 
     scorer: Scorer | None
@@ -57,9 +63,10 @@ class Policy:
     offload: Offload | None = None
     after_prompt: bool = False
     residual: TokenFormat | None = None
+    sliding: Quantizer | None = None
 
     def __post_init__(self) -> None:
-        if self.residual is not None and self.quant is None:
+        if self.residual is not None and self.quant is None and self.sliding is None:
             raise ValueError(
                 f"{self.residual.name} holds the block being filled at low bits; it needs a block "
                 "format for the full blocks (rotk4v2+res8, kivi4+res8, …)"
@@ -73,7 +80,7 @@ class Policy:
             if self.budget.bytes is None:
                 raise InvalidBudgetError("offload needs a KV budget in bytes: the RAM its layers may hold")
             return
-        if self.scorer is None and self.quant is None:
+        if self.scorer is None and self.quant is None and self.sliding is None:
             raise ValueError("a policy needs an eviction scorer, a quantizer, or both")
         if self.heads is not None and (self.scorer is None or not self.scorer.per_head):
             why = "it needs an eviction method" if self.scorer is None else "its scorer scores heads alike"
@@ -96,34 +103,36 @@ class Policy:
     @property
     def name(self) -> str:
         allocator = None if isinstance(self.allocator, Uniform) else self.allocator
-        parts = (
-            self.scorer,
-            allocator,
-            self.heads,
-            self.mixed,
-            self.merge,
-            self.quant,
-            self.residual,
-            self.offload,
-        )
-        return "+".join(part.name for part in parts if part is not None)
+        parts = (self.scorer, allocator, self.heads, self.mixed, self.merge, self.quant)
+        names = [part.name for part in parts if part is not None]
+        if self.sliding is not None:
+            names.append(f"{SLIDING}-{self.sliding.name}")
+        names += [part.name for part in (self.residual, self.offload) if part is not None]
+        return "+".join(names)
 
     def layer_specs(self, spec: ModelSpec) -> list[LayerSpec]:
         """How each layer of a model stores its tokens under this policy."""
+        fmt, residual = self.quant, self.residual if self.quant is not None else None
+        if self.sliding is not None and all(window is None for window in spec.windows):
+            raise UnsupportedLayerError(
+                f"policy {self.name}: {SLIDING}-{self.sliding.name} is the format of sliding-window "
+                "layers, and this model has none (every layer attends to the whole context)"
+            )
         specs = []
         for window in spec.windows:
             if window is not None:  # sliding layers are never evicted from: their window bounds them
-                specs.append(default_spec(window, self.quant, self.residual))
+                local = self.quant if self.sliding is None else self.sliding
+                specs.append(default_spec(window, local, self.residual if local is not None else None))
             elif self.offload is not None:
                 places = (("sinks", self.offload.sinks), ("recent", self.offload.recent))
-                specs.append(LayerSpec("offload", self.quant, places, self.residual))
+                specs.append(LayerSpec("offload", fmt, places, residual))
             elif self.heads is not None:
-                specs.append(LayerSpec("perhead", self.quant, residual=self.residual))
+                specs.append(LayerSpec("perhead", fmt, residual=residual))
             elif self.mixed is not None:
                 options = (("low", self.mixed.low), ("low_share", self.mixed.low_share))
-                specs.append(LayerSpec("mixed", self.quant, options, self.residual))
+                specs.append(LayerSpec("mixed", fmt, options, residual))
             else:
-                specs.append(default_spec(None, self.quant, self.residual))
+                specs.append(default_spec(None, fmt, residual))
         return specs
 
     def byte_budget(self, cache: KVMemCache) -> int | None:
@@ -279,6 +288,9 @@ class Policy:
             layer.keep_slots(chosen, capacity)
         else:
             layer.keep_slots(chosen, capacity, *self.merge.apply(keys, values, chosen))
+
+
+SLIDING = "sliding"  # ``sliding-<format>``: the block format of sliding-window layers
 
 
 def _compressible(cache: KVMemCache) -> list[KVLayer]:

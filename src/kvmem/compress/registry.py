@@ -12,7 +12,7 @@ from kvmem.compress.merge import Merge
 from kvmem.compress.mixed import NAME as MIXED
 from kvmem.compress.mixed import MixedPrecision
 from kvmem.compress.offload import Offload
-from kvmem.compress.policy import Policy
+from kvmem.compress.policy import SLIDING, Policy
 from kvmem.compress.residual import RotatedTokens, parse_residual
 from kvmem.compress.rotated import RotatedQuant, parse_rotated
 from kvmem.compress.scorer import Scorer
@@ -68,6 +68,7 @@ def make_scorer(name: str) -> Scorer:
         return SCORERS[name.strip().lower()]()
     except KeyError:
         parts = [*SCORERS, *ALLOCATORS, AdaKV.name, MIXED, f"{MIXED}-<format>", Merge.name]
+        parts.append(f"{SLIDING}-<format>")
         known = ", ".join([*parts, *QUANTIZERS, *RESIDUALS, Offload.name])
         raise UnknownPolicyError(
             f"unknown policy {name!r}; known policies: {known}, or one of each joined by '+' "
@@ -78,6 +79,7 @@ def make_scorer(name: str) -> Scorer:
 def make_policy(spec: str, budget: KVBudget) -> Policy:
     """``"snapkv"``, ``"kivi4"`` or a combination such as ``"snapkv+kivi4"`` (at most one of each)."""
     scorers, quants, allocators, merges, heads, mixed, residuals = [], [], [], [], [], [], []
+    slidings: list[Quantizer] = []
     parts = [p.strip().lower() for p in spec.split("+")]
     if Offload.name in parts:
         others = [part for part in parts if part != Offload.name]
@@ -107,6 +109,13 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
                     f"policy {spec!r}: {part!r} names no block format (mixed-kivi2, mixed-rot2, …)"
                 )
             mixed.append(MixedPrecision(low))
+        elif part.startswith(SLIDING + "-"):
+            local = find_quantizer(part.removeprefix(SLIDING + "-"))
+            if local is None:
+                raise UnknownPolicyError(
+                    f"policy {spec!r}: {part!r} names no block format (sliding-rotk3v2, sliding-kivi2, …)"
+                )
+            slidings.append(local)
         elif (residual := parse_residual(part)) is not None:
             residuals.append(residual)
         elif part == Merge.name:
@@ -119,12 +128,12 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
             allocators.append(ALLOCATORS[part])
         else:
             scorers.append(make_scorer(part))
-    if any(len(parts) > 1 for parts in (scorers, quants, allocators, merges, heads, mixed, residuals)):
+    if any(len(p) > 1 for p in (scorers, quants, allocators, merges, heads, mixed, residuals, slidings)):
         raise UnknownPolicyError(
             f"policy {spec!r}: combine at most one eviction method, one layer allocation, one head "
-            "allocation, merging, one quantizer and one residual format"
+            "allocation, merging, one quantizer, one for sliding layers and one residual format"
         )
-    if residuals and not quants:
+    if residuals and not quants and not slidings:
         raise UnknownPolicyError(
             f"policy {spec!r}: {residuals[0].name} holds the block being filled at low bits beside a "
             "block format; add one (rotk4v2+res8, kivi4+res8, …)"
@@ -148,6 +157,7 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
         heads[0] if heads else None,
         mixed[0] if mixed else None,
         residual=residuals[0] if residuals else None,
+        sliding=slidings[0] if slidings else None,
     )
 
 
@@ -157,6 +167,13 @@ def describe_policies() -> list[tuple[str, str]]:
     rows.append((AdaKV.name, AdaKV.summary))
     rows.append((MIXED, MixedPrecision.summary))
     rows.append((Merge.name, Merge.summary))
+    rows.append(
+        (
+            f"{SLIDING}-<format>",
+            "the sliding-window layers' blocks at <format> (the full-attention layers at the policy's "
+            "quantizer, or full precision): precision by layer",
+        )
+    )
     rows += [(name, f"{q.summary} ({describe_bits(q)})") for name, q in QUANTIZERS.items()]
     rows += [(name, f"{r.summary} ({describe_bits(r)})") for name, r in RESIDUALS.items()]
     rows.append((Offload.name, Offload.summary))
