@@ -235,7 +235,7 @@ def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel, policy: 
         assert isinstance(layer, MixedLayer) and layer.ratio >= 1
         assert layer.low.fmt is not None and layer.low.fmt.name == low
         layer.check()
-        assert layer.held <= 8 and layer.num_low <= 8 * layer.ratio
+        assert layer.held <= 8 and layer.nbytes <= layer.cost_of_blocks(8 // 4)  # within its room
         assert layer.held + layer.num_low > 8  # more tokens visible than an eviction would keep
         keys, _ = layer.past().dense()  # low (dequantized), then high: [H, T, D]
         assert keys.shape[1] == layer.held + layer.num_low
@@ -243,4 +243,31 @@ def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel, policy: 
         assert layer.num_low % 4 == 0 and all(p is not None for p in layer.low.packed)
         assert layer.attention is not None and layer.attention.shape[1] == keys.shape[1]
     assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
+    seq.release()
+
+
+def test_mixed_precision_keeps_every_token_while_its_room_holds_them(llama: LoadedModel) -> None:
+    """The high share shrinks as the context grows; tokens are dropped only once the room cannot
+    hold them all at the low precision."""
+    llm = LLM(llama, block_size=4, kv_budget=16 * 1024, policy="snapkv+mixed-rot2+kivi8")
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 20))
+    logits = seq.prefill(8)
+    capacity = next(iter(llm.policy.capacities(seq.cache).values()))  # type: ignore[union-attr]
+    layers = [layer for layer in seq.cache.kv_layers if isinstance(layer, MixedLayer)]
+    highs, dropped_at = [], None
+    for _ in range(200):
+        logits = seq.step(int(logits.argmax()))
+        for layer in layers:
+            assert layer.nbytes <= layer.cost_of_blocks(capacity // 4)
+        layer = layers[0]
+        highs.append(layer.held)
+        if dropped_at is None and layer.held + layer.num_low < layer.seq_length:
+            dropped_at = layer.seq_length
+    assert dropped_at is not None and highs[-1] < max(highs)  # the high share did shrink
+    # nothing was dropped while every token fitted at low precision beside one high block
+    low_block = layers[0].low.cost_of_blocks(2) - layers[0].low.cost_of_blocks(1)
+    room = layers[0].cost_of_blocks(capacity // 4) - layers[0].high.cost_of_blocks(1)
+    assert dropped_at > (room // low_block) * 4 * 0.8
+    assert llm.pool.bytes_used <= 16 * 1024
     seq.release()

@@ -18,13 +18,18 @@ class MixedPrecision:
     attention still sees an approximation of them; the important ones stay at full (or the
     policy's quantizer's) precision.
 
-    ``low_share`` of each layer's byte budget goes to the low-precision store. ``mixed-<format>``
+    ``low_share`` of each layer's byte budget goes to the low-precision store at first (the static
+    split that sets each layer's room); within that room every token is kept while it fits: as
+    the context grows the high share shrinks (the lowest-ranked tokens demoted, in whole blocks),
+    and only once the room cannot hold every token at the low precision are the oldest low blocks
+    dropped. ``mixed-<format>``
     names another low format (``mixed-rot2``: rotated 2-bit codes), so that with the policy's
     quantizer for the kept tokens (``snapkv+mixed-rot2+kivi8``) precision follows importance
     in three levels: the scorer's top tokens (and the recent window, which scorers keep) at the
     policy's format, the rest at the low one, the oldest of those dropped. Simplified from
-    the paper: demoted tokens are never promoted back, and when the low store is full its
-    oldest blocks are dropped (MiKV keeps every token and has no byte cap); the paper's
+    the paper: demoted tokens are never promoted back, and when the room cannot hold every token
+    at the low precision the oldest low blocks are dropped (MiKV keeps every token and has no byte
+    cap); the paper's
     outlier-aware key balancing is left to KIVI's per-channel key quantization.
     """
 

@@ -235,14 +235,19 @@ class Policy:
         capacities = self.capacities(cache)
         if not capacities:
             return
+        bs = cache.pool.block_size
         for layer in _compressible(cache):
             capacity = capacities[layer.layer_idx]
-            slack = max(1, min(cache.pool.block_size, capacity // 4))
+            slack = max(1, min(bs, capacity // 4))
             need = slack if q is None else q
             if need > capacity:
                 raise ValueError(f"a forward of {need} tokens cannot fit a capacity of {capacity} tokens")
-            if layer.held + need > capacity:
-                self.evict(layer, max(capacity - max(need, slack), 1), capacity)
+            limit = layer.capacity_for(capacity, need)
+            if layer.held + need > limit:
+                keep = max(limit - max(need, slack), 1)
+                if self.mixed is not None:  # demote whole blocks: none short of one is lost
+                    keep = max(1, layer.held - -(-(layer.held - keep) // bs) * bs)
+                self.evict(layer, keep, capacity, need)
 
     def after_forward(self, cache: KVMemCache, defer: bool = False, prompt_end: bool = False) -> None:
         """Compress after a forward. ``defer``: a prompt chunk under ``after_prompt``, not its last;
@@ -262,7 +267,7 @@ class Policy:
             if layer.held >= target + min(cache.pool.block_size, max(1, target // 4)):
                 self.evict(layer, target)
 
-    def evict(self, layer: KVLayer, keep: int, capacity: int | None = None) -> None:
+    def evict(self, layer: KVLayer, keep: int, capacity: int | None = None, need: int = 0) -> None:
         """Keep the ``keep`` best-scored tokens of each head of ``layer``; what becomes of the rest
         is the layer kind's (freed, or with mixed precision demoted to a low-precision store)."""
         if keep >= layer.held or self.scorer is None:
@@ -285,7 +290,7 @@ class Policy:
             return
         chosen = torch.topk(scores, keep, dim=-1).indices.sort(dim=-1).values  # [H, keep]
         if self.merge is None:
-            layer.keep_slots(chosen, capacity)
+            layer.keep_slots(chosen, capacity, need=need)
         else:
             layer.keep_slots(chosen, capacity, *self.merge.apply(keys, values, chosen))
 

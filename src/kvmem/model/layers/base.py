@@ -138,11 +138,18 @@ class KVLayer(CacheLayerMixin, ABC):
         capacity: int | None = None,
         kept_keys: torch.Tensor | None = None,
         kept_values: torch.Tensor | None = None,
+        need: int = 0,
     ) -> None:
         """Keep the scored slots ``chosen`` ([H, k], ascending per head), or ``kept_keys`` /
         ``kept_values`` ([H, k, D]) made of them (merging); what happens to the rest is the kind's
-        (freed, or demoted). ``capacity``: the layer's token capacity, for kinds that need it."""
+        (freed, or demoted). ``capacity``: the layer's token capacity, for kinds that need it;
+        ``need``: tokens the next forward adds (mixed precision leaves their room)."""
         raise UnsupportedLayerError(f"a {self.kind} layer is not evicted from")
+
+    def capacity_for(self, capacity: int, need: int) -> int:
+        """Tokens this layer may keep at its own precision once ``need`` more arrive, within the
+        bytes of ``capacity`` (mixed precision: fewer as it holds more, the others demoted)."""
+        return capacity
 
     def keep_mask(self, mask: torch.Tensor) -> None:
         """Keep the scored slots where ``mask`` ([H, T] bool) is True; heads may keep different counts."""

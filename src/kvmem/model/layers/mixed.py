@@ -8,6 +8,11 @@ are moved a block at a time and quantized at once, so ``low`` holds no full-prec
 (the few demoted tokens short of a whole block are dropped). Attention sees ``low`` then ``high``:
 order among past tokens does not matter (RoPE is applied before storage) and the newest tokens
 stay last.
+
+A layer's room is the bytes of its static split (``capacity`` high tokens and ``ratio`` times as
+many low ones); within it every token is kept while it fits (``split``): as the context grows the
+high share shrinks, the lowest-scored tokens demoted, and only once even a store of nothing but
+low blocks would overflow are the oldest low blocks dropped.
 """
 
 from __future__ import annotations
@@ -101,6 +106,24 @@ class MixedLayer(KVLayer):
         """Most bytes with ``n`` high-precision blocks and ``ratio * n`` low ones."""
         return 0 if n == 0 else self.high.cost_of_blocks(n) + self.low.cost_of_blocks(self.ratio * n)
 
+    def split(self, capacity: int, tokens: int) -> tuple[int, int]:
+        """(high, low) tokens to hold when ``tokens`` in all should fit the bytes of ``capacity``
+        high tokens at the static split: as many high blocks as leave room for every other token
+        in low blocks (never more than ``capacity``'s, at least one), the rest of the room low."""
+        bs = self.high.block_size
+        most = max(1, capacity // bs)
+        room = self.cost_of_blocks(most)
+        high = self.high.cost_of_blocks(2) - self.high.cost_of_blocks(1)  # a high block's bytes
+        base = self.high.cost_of_blocks(1) - high  # the residual block's
+        low = self.low.cost_of_blocks(2) - self.low.cost_of_blocks(1)
+        blocks = -(-tokens // bs)
+        fitting = (room - base - blocks * low) // (high - low) if high > low else most
+        n_high = max(1, min(most, fitting))
+        return n_high * bs, max(0, (room - base - n_high * high) // low) * bs
+
+    def capacity_for(self, capacity: int, need: int) -> int:
+        return self.split(capacity, self.held + self.num_low + need)[0]
+
     def bytes_to_append(self, q: int) -> tuple[int, int]:
         before, after = self.high.bytes_to_append(q)
         return before + self.low.nbytes, after + self.low.nbytes
@@ -114,13 +137,15 @@ class MixedLayer(KVLayer):
         capacity: int | None = None,
         kept_keys: torch.Tensor | None = None,
         kept_values: torch.Tensor | None = None,
+        need: int = 0,
     ) -> None:
-        """Keep ``chosen`` at high precision and demote the rest to ``low`` (``ratio * capacity``)."""
+        """Keep ``chosen`` at high precision and demote the rest to ``low``, within the room of
+        ``capacity`` left once ``need`` more tokens arrive (``split``)."""
         if capacity is None or kept_keys is not None or kept_values is not None:
             raise NotImplementedError(
                 "a mixed-precision layer demotes within a fixed capacity, without merging"
             )
-        self.demote(chosen, self.ratio * capacity)
+        self.demote(chosen, self.split(capacity, self.held + self.num_low + need)[1])
 
     @torch.inference_mode()
     def demote(self, keep: torch.Tensor, low_capacity: int) -> None:

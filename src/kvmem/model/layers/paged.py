@@ -88,6 +88,7 @@ class PagedLayer(KVLayer):
         capacity: int | None = None,
         kept_keys: torch.Tensor | None = None,
         kept_values: torch.Tensor | None = None,
+        need: int = 0,
     ) -> None:
         """Keep ``chosen`` and free the rest: kept tokens move to the front of the layer's blocks."""
         self.blocks.compact(chosen, kept_keys, kept_values)

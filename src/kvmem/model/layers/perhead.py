@@ -131,6 +131,7 @@ class PerHeadLayer(KVLayer):
         capacity: int | None = None,
         kept_keys: torch.Tensor | None = None,
         kept_values: torch.Tensor | None = None,
+        need: int = 0,
     ) -> None:
         """Keep the gathered slots ``chosen`` ([H, k], ascending per head; padding never chosen)."""
         if kept_keys is not None or kept_values is not None:

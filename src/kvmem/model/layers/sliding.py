@@ -38,5 +38,6 @@ class SlidingLayer(PagedLayer):
         capacity: int | None = None,
         kept_keys: torch.Tensor | None = None,
         kept_values: torch.Tensor | None = None,
+        need: int = 0,
     ) -> None:
         raise UnsupportedLayerError("sliding-window layers are bounded by their window, not evicted from")
