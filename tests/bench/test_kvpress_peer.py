@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvmem.bench import kvpress_worker, make_task
 from kvmem.bench.cli import config_from
@@ -35,6 +36,7 @@ from tiny_models import save_folder
 JOB_KEYS = {"schema", "model", "threads", "items"}
 ITEM_KEYS = {
     "id", "conversation", "context", "question", "answer", "max_new_tokens", "press", "compression_ratio",
+    "logp",
 }  # fmt: skip
 RESULT_KEYS = {
     "id", "output", "gold_logprob", "held_bytes", "attended_bytes", "full_context_bytes", "context_tokens",
@@ -131,12 +133,19 @@ def test_results_become_records(contexts: list[Context]) -> None:
         to_records(items, list(reversed(results)), full_bytes, "multiturn")
 
 
-def test_real_text_records_carry_perplexity(contexts: list[Context]) -> None:
+def test_real_text_records_carry_perplexity_and_kl_against_the_full_cache(contexts: list[Context]) -> None:
     items = plan_items(contexts[1:], ["knorm"], [0.5], "multiturn")
     results = _fake_results(items, held=500, fail_last=False)
     (record,) = to_records(items, results, {}, "multiturn")
     assert record.score is None and record.kl is None and record.ppl == pytest.approx(math.exp(0.5))
     assert record.kv_ratio == 500 / 2000
+    # with the worker's log-probabilities and the full cache's: their KL, as for kvmem's methods
+    reference = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), dim=-1)
+    logp = torch.log_softmax(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), dim=-1)
+    results[0]["logp"] = logp
+    (record,) = to_records(items, results, {}, "multiturn", {"realtext/0": reference})
+    expected = float((reference.exp() * (reference - logp)).sum(-1).mean())
+    assert record.kl == pytest.approx(expected) and record.kl > 0
 
 
 def test_config_and_cli_accept_kvpress_names() -> None:
@@ -212,3 +221,11 @@ def test_worker_runs_kvpress_for_real(llama: LoadedModel, llm: LLM, tmp_path: Pa
     records = to_records(items, out["results"], {}, "single")
     assert [r.method for r in records] == ["kvpress:snapkv", "kvpress:adakv"]
     assert all(r.error is None and r.score is not None for r in records)
+    # real text: the worker's log-probabilities come back through a file, one row per token
+    text = make_task("realtext").make_context(llm, 320, 0)
+    items = plan_items([text], ["snapkv"], [0.5], "multiturn")
+    (result,) = run_worker(make_job(items, llm, folder, "multiturn", 1), timeout=300)["results"]
+    gold = llm.encode(text.questions[0].answer)
+    assert result["logp"].shape == (len(gold), llama.model.config.vocab_size)
+    mean = float(result["logp"].gather(1, torch.tensor(gold)[:, None]).mean())
+    assert mean == pytest.approx(result["gold_logprob"], abs=1e-5)

@@ -10,8 +10,9 @@ A budget (a share of kvmem's full cache for the context) becomes kvpress's ``com
 tensors really held, and ``kv_ratio`` that over the bench's full bytes. A press that only masks
 (AdaKV) holds every token, and its records say so. In ``multiturn`` the context is compressed once
 and the questions follow it, as kvmem's runs; in ``single`` / ``multirequest`` each prompt (context
-+ question) is compressed whole. Real text: the continuation's log-probability and perplexity (no
-KL: the full cache's distributions stay in kvmem's process).
++ question) is compressed whole. Real text: the continuation's log-probability, perplexity and KL
+against kvmem's full cache (the worker saves its log-probabilities beside its results; they are
+read before its folder goes).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import torch
 
 from kvmem.bench import kvpress_worker
 from kvmem.bench.config import KVPRESS
@@ -106,6 +109,7 @@ def _job_item(item: Item, llm: LLM, mode: str) -> dict[str, Any]:
         "question": asked,
         "answer": question.answer,
         "max_new_tokens": 0 if context.kind == "text" else answer_length(llm, question),
+        "logp": context.kind == "text",
         "press": item.press,
         "compression_ratio": round(1.0 - item.share, 9),
     }
@@ -139,7 +143,11 @@ def run_worker(job: Mapping[str, Any], timeout: float) -> dict[str, Any]:
             raise PeerError(f"kvpress worker failed (exit {done.returncode}): {tail[0]}")
         try:
             out: dict[str, Any] = json.loads(out_path.read_text())
-        except (OSError, ValueError) as e:
+            for result in out.get("results", ()):
+                if "logp_file" in result:  # read before the folder goes
+                    path = Path(tmp) / Path(str(result.pop("logp_file"))).name
+                    result["logp"] = torch.load(path, weights_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
             raise PeerError(f"kvpress worker wrote no readable results: {e}") from None
     if out.get("schema") != kvpress_worker.SCHEMA or len(out.get("results", ())) != len(job["items"]):
         raise PeerError("kvpress worker's results do not match its job")
@@ -147,9 +155,14 @@ def run_worker(job: Mapping[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def to_records(
-    items: Sequence[Item], results: Sequence[Mapping[str, Any]], full_bytes: Mapping[str, int], mode: str
+    items: Sequence[Item],
+    results: Sequence[Mapping[str, Any]],
+    full_bytes: Mapping[str, int],
+    mode: str,
+    references: Mapping[str, torch.Tensor] | None = None,
 ) -> list[Record]:
-    """One ``Record`` per item from the worker's results (same order); ``full_bytes`` by "task/seed"."""
+    """One ``Record`` per item from the worker's results (same order); ``full_bytes`` and the full
+    cache's real-text log-probabilities ``references`` ([N, V]) by "task/seed"."""
     records = []
     for item, result in zip(items, results, strict=True):
         if result.get("id") != item.id:
@@ -163,6 +176,10 @@ def to_records(
         held, output = int(result["held_bytes"]), str(result["output"])
         text = context.kind == "text"
         logprob = float(result["gold_logprob"])
+        reference, logp = (references or {}).get(key), result.get("logp")
+        kl = None
+        if text and reference is not None and logp is not None and logp.shape == reference.shape:
+            kl = float((reference.exp() * (reference - logp)).sum(-1).mean())
         records.append(
             Record(
                 method=KVPRESS + item.press,
@@ -175,7 +192,7 @@ def to_records(
                 score=None if text else score(context.examples[item.question], output),
                 gold_logprob=logprob,
                 ppl=math.exp(-logprob) if text else None,
-                kl=None,
+                kl=kl,
                 kv_bytes=held,
                 kv_ratio=held / full,
                 prefill_s=float(result["prefill_s"]),
@@ -204,6 +221,7 @@ def run_kvpress(
     mode: str,
     threads: int | None = None,
     timeout: float | None = None,
+    references: Mapping[str, torch.Tensor] | None = None,
 ) -> list[Record]:
     """Records for every press, budget, context and question; ``error`` set on those that could not
     run (the peer venv missing, a model folder kvpress cannot load, a failing worker or item).
@@ -221,7 +239,7 @@ def run_kvpress(
         job = make_job(items, llm, resolve_model_folder(model), mode, threads)
         conversations = len({item.conversation for item in items})
         out = run_worker(job, timeout if timeout is not None else 600 + 120 * conversations)
-        return to_records(items, out["results"], full_bytes, mode)
+        return to_records(items, out["results"], full_bytes, mode, references)
     except KVMemError as e:
         return [error_record(item, mode, str(e)) for item in items]
 

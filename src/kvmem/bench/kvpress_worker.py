@@ -18,14 +18,18 @@ uncompressed, after the previous item's answer, and is answered greedily (``max_
 until end of sequence). An empty question answers straight from the context's prefill (kvmem's
 single mode sends context + question as the context; real text sends its continuation as the
 answer with ``max_new_tokens`` 0). The gold ``answer``'s log-probability is teacher-forced on a
-deep copy of the cache taken after the question, so it does not disturb the answer.
+deep copy of the cache taken after the question, so it does not disturb the answer. An item with
+``"logp": true`` (real text) also has its teacher-forced log-probabilities saved beside ``out.json``
+(``logp-<id>.pt``: float32 [N, V], one row per answer token), so kvmem can take their KL against
+its full cache's.
 
 Output: ``{"schema": ..., "versions": {...}, "results": [one per item, in item order]}``, each
 ``{"id", "output", "gold_logprob", "held_bytes", "attended_bytes", "full_context_bytes",
 "context_tokens", "kept_tokens", "compression_ratio", "prefill_s", "decode_tokens_per_s",
-"prompt_tokens", "peak_rss"}`` or ``{"id", "error"}``. ``held_bytes`` is what the cache's key and
-value tensors really hold (the most during the answer); ``attended_bytes`` leaves out the entries a
-masking press (AdaKV) only hides from attention, so it is what the nominal ratio promises.
+"prompt_tokens", "peak_rss"}`` (and ``"logp_file"`` where saved) or ``{"id", "error"}``.
+``held_bytes`` is what the cache's key and value tensors really hold (the most during the
+answer); ``attended_bytes`` leaves out the entries a masking press (AdaKV) only hides from
+attention, so it is what the nominal ratio promises.
 ``peak_rss``: the most resident memory grew during the prefill or the decoding (the gold answer's
 copy left out, as kvmem does). ``prefill_s`` of a conversation's first item includes the context's.
 """
@@ -71,11 +75,12 @@ def make_press(name: str, compression_ratio: float) -> Any:
 class Runner:
     """One model, loaded once; ``conversation`` runs one cache's items."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, out_dir: str | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
+        self.out_dir = out_dir  # where log-probability files go (beside out.json)
         self.model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation="sdpa"
         )
@@ -128,7 +133,8 @@ class Runner:
             prompt_tokens = position
             held = cache_bytes(cache)
             gold = self.ids(item["answer"])
-            gold_logprob = self.gold_logprob(copy.deepcopy(cache), logits, gold, position)
+            logp = self.gold_logps(copy.deepcopy(cache), logits, gold, position)  # [N, V]
+            gold_logprob = float(logp.gather(1, self.torch.tensor(gold)[:, None]).mean())
             tokens: list[int] = []
             rss = PeakRSS()
             decode_start = time.perf_counter()
@@ -142,8 +148,15 @@ class Runner:
             decode_s = time.perf_counter() - decode_start
             peak_rss = max(peak_rss, rss.growth())
             pending = tokens[-1:]  # as kvmem: the next turn feeds it with its question
+            if item.get("logp") and self.out_dir is not None:
+                name = f"logp-{item['id']}.pt"
+                self.torch.save(logp.contiguous(), f"{self.out_dir}/{name}")
+                extra = {"logp_file": name}
+            else:
+                extra = {}
             results.append(
                 {
+                    **extra,
                     "id": item["id"],
                     "output": str(self.tokenizer.decode(tokens, skip_special_tokens=True)),
                     "gold_logprob": gold_logprob,
@@ -161,14 +174,14 @@ class Runner:
             )
         return results
 
-    def gold_logprob(self, branch: Any, logits: Any, gold: list[int], position: int) -> float:
-        """Mean log-probability per token of ``gold`` after ``logits``, teacher-forced on ``branch``."""
+    def gold_logps(self, branch: Any, logits: Any, gold: list[int], position: int) -> Any:
+        """Log-probabilities [N, V] at each token of ``gold`` after ``logits``, teacher-forced on
+        ``branch``."""
         torch = self.torch
         steps = logits[None]  # [1, V]
         if len(gold) > 1:
             steps = torch.cat([steps, self.forward(branch, gold[:-1], position, keep=0)])  # [N, V]
-        logp = torch.log_softmax(steps, dim=-1)
-        return float(logp.gather(1, torch.tensor(gold)[:, None]).mean())
+        return torch.log_softmax(steps.float(), dim=-1)
 
 
 class PeakRSS:
@@ -232,7 +245,7 @@ def masked_bytes(model: Any, cache: Any) -> int:
     return total
 
 
-def run(job: dict[str, Any]) -> dict[str, Any]:
+def run(job: dict[str, Any], out_dir: str | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -242,7 +255,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(job["threads"]))
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    runner = Runner(job["model"])
+    runner = Runner(job["model"], out_dir)
     conversations: dict[object, list[dict[str, Any]]] = {}
     for item in job["items"]:
         conversations.setdefault(item["conversation"], []).append(item)
@@ -276,7 +289,9 @@ def main(argv: list[str]) -> int:
         return 2
     with open(argv[0]) as f:
         job = json.load(f)
-    out = run(job)
+    import os
+
+    out = run(job, os.path.dirname(os.path.abspath(argv[1])))
     with open(argv[1], "w") as f:
         json.dump(out, f, allow_nan=True)
     return 0

@@ -140,7 +140,15 @@ def run_bench(
         peer = tqdm(total=1, desc="kvpress peer (its own venv)", unit="job", disable=not progress)
         threads = torch.get_num_threads()
         result.records += run_kvpress(
-            base, config.model, contexts, presses, config.budgets, result.full_bytes, config.mode, threads
+            base,
+            config.model,
+            contexts,
+            presses,
+            config.budgets,
+            result.full_bytes,
+            config.mode,
+            threads,
+            references=references,
         )
         peer.update()
         peer.close()
