@@ -105,16 +105,22 @@ def test_a_budget_too_small_for_the_summaries_is_refused_up_front(llama: LoadedM
 
 
 def test_offload_combines_with_a_block_format_only_and_needs_a_byte_budget() -> None:
-    for spec in ("offload+snapkv", "offload+mixed", "offload+kivi4+rot3", "offload+res8+res4"):
-        with pytest.raises(UnknownPolicyError, match="only"):
+    for spec in ("offload+snapkv", "offload+mixed", "offload+h2o+kivi4"):
+        with pytest.raises(UnknownPolicyError, match="block formats only"):
             make_policy(spec, KVBudget.parse("1MiB"))
-    with pytest.raises(UnknownPolicyError, match="needs a block format"):
+    for spec in ("offload+kivi4+rot3", "offload+kivi4+res8+res4", "offload+offload"):
+        with pytest.raises(UnknownPolicyError, match="at most one"):
+            make_policy(spec, KVBudget.parse("1MiB"))
+    with pytest.raises(UnknownPolicyError, match="add one"):
         make_policy("offload+res8", KVBudget.parse("1MiB"))
     with pytest.raises(InvalidBudgetError, match="bytes"):
         make_policy("offload", KVBudget.parse("25%"))
     assert make_policy("offload", KVBudget.parse("1MiB")).name == "offload"
     policy = make_policy("offload+rotk4v2+res8", KVBudget.parse("1MiB"))
     assert policy.name == "rotk4v2+res8+offload"
+    assert make_policy(policy.name, KVBudget.parse("1MiB")) == policy
+    policy = make_policy("offload+rotk4v2+sliding-rot2+res6", KVBudget.parse("1MiB"))
+    assert policy.sliding is not None and policy.sliding.name == "rot2"
     assert make_policy(policy.name, KVBudget.parse("1MiB")) == policy
 
 
@@ -191,3 +197,25 @@ def test_a_forward_the_room_cannot_serve_is_refused_within_the_budget(gemma: Loa
     assert llm.pool.bytes_used <= budget
     seq.release()
     assert llm.pool.bytes_used == 0
+
+
+def test_sliding_layers_at_a_format_of_their_own_leave_offload_more_room(gemma: LoadedModel) -> None:
+    """Gemma's sliding layers are a fixed cost beside the offloading ones: at a lower format of
+    their own they leave room for a budget that the policy's format everywhere cannot serve."""
+    budget = 20 * 1024
+    with pytest.raises(KVBudgetError, match="offload"):
+        LLM(gemma, block_size=8, kv_budget=budget, policy="offload+kivi4").generate(
+            list(range(3, 200)), max_new_tokens=20
+        )
+    llm = LLM(gemma, block_size=8, kv_budget=budget, policy="offload+kivi4+sliding-kivi2")
+    seq = llm.new_sequence()
+    seq.token_ids = list(range(3, 200))
+    seq.reserve(20)
+    logits = seq.prefill(512)
+    for _ in range(20):
+        assert llm.pool.bytes_used <= budget
+        logits = seq.step(int(logits.argmax()))
+    formats = {(layer.kind, layer.parts()[""].fmt.name) for layer in seq.cache.kv_layers}  # type: ignore[union-attr]
+    assert formats == {("offload", "kivi4"), ("sliding", "kivi2")}
+    assert any(layer.num_offloaded > 0 for layer in seq.cache.kv_layers if isinstance(layer, OffloadLayer))
+    seq.release()

@@ -80,25 +80,8 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
     """``"snapkv"``, ``"kivi4"`` or a combination such as ``"snapkv+kivi4"`` (at most one of each)."""
     scorers, quants, allocators, merges, heads, mixed, residuals = [], [], [], [], [], [], []
     slidings: list[Quantizer] = []
+    offloads: list[Offload] = []
     parts = [p.strip().lower() for p in spec.split("+")]
-    if Offload.name in parts:
-        others = [part for part in parts if part != Offload.name]
-        quants = [q for q in map(find_quantizer, others) if q is not None]
-        residuals = [r for r in map(parse_residual, others) if r is not None]
-        if len(quants) + len(residuals) != len(others) or len(quants) > 1 or len(residuals) > 1:
-            raise UnknownPolicyError(
-                f"policy {spec!r}: offload combines with one block format and a residual format "
-                "only (offload+rotk4v2+res8)"
-            )
-        if residuals and not quants:
-            raise UnknownPolicyError(f"policy {spec!r}: {residuals[0].name} needs a block format beside it")
-        return Policy(
-            None,
-            budget,
-            quants[0] if quants else None,
-            offload=Offload(),
-            residual=residuals[0] if residuals else None,
-        )
     for part in parts:
         if part == MIXED:
             mixed.append(MixedPrecision())
@@ -120,6 +103,8 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
             residuals.append(residual)
         elif part == Merge.name:
             merges.append(Merge())
+        elif part == Offload.name:
+            offloads.append(Offload())
         elif part == AdaKV.name:
             heads.append(AdaKV())
         elif (quantizer := find_quantizer(part)) is not None:
@@ -128,7 +113,13 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
             allocators.append(ALLOCATORS[part])
         else:
             scorers.append(make_scorer(part))
-    if any(len(p) > 1 for p in (scorers, quants, allocators, merges, heads, mixed, residuals, slidings)):
+    if offloads and (scorers or allocators or merges or heads or mixed):
+        raise UnknownPolicyError(
+            f"policy {spec!r}: offload combines with block formats only (offload+rotk4v2+res8, "
+            "offload+rotk4v2+sliding-rot2+res6)"
+        )
+    groups = (scorers, quants, allocators, merges, heads, mixed, residuals, slidings, offloads)
+    if any(len(p) > 1 for p in groups):
         raise UnknownPolicyError(
             f"policy {spec!r}: combine at most one eviction method, one layer allocation, one head "
             "allocation, merging, one quantizer, one for sliding layers and one residual format"
@@ -156,6 +147,7 @@ def make_policy(spec: str, budget: KVBudget) -> Policy:
         merges[0] if merges else None,
         heads[0] if heads else None,
         mixed[0] if mixed else None,
+        offload=offloads[0] if offloads else None,
         residual=residuals[0] if residuals else None,
         sliding=slidings[0] if slidings else None,
     )
