@@ -76,7 +76,7 @@ class Policy:
         if self.offload is not None:
             others = (self.scorer, self.merge, self.heads, self.mixed)
             if any(part is not None for part in others) or not isinstance(self.allocator, Uniform):
-                raise ValueError("offload combines with a block format (and res8) only")
+                raise ValueError("offload combines with block formats only (quantizer, sliding, residual)")
             if self.budget.bytes is None:
                 raise InvalidBudgetError("offload needs a KV budget in bytes: the RAM its layers may hold")
             return
