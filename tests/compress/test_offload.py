@@ -11,6 +11,7 @@ from kvmem.compress.registry import UnknownPolicyError, make_policy
 from kvmem.engine.llm import LLM
 from kvmem.engine.result import GenerationResult
 from kvmem.engine.sampling import SamplingParams
+from kvmem.engine.sequence import Sequence
 from kvmem.errors import InvalidBudgetError, KVBudgetError, SessionMismatchError
 from kvmem.kv.pool import KVPool, PoolConfig
 from kvmem.model.layers import OffloadLayer
@@ -30,6 +31,21 @@ def test_quest_bound_is_an_upper_bound_and_tight_for_one_token() -> None:
     one = keys[:, :, :1]  # a block of one token: min == max, the bound is the logit itself
     exact = quest_bounds(query, torch.stack([one[:, :, 0], one[:, :, 0]], dim=1))
     assert torch.allclose(exact, torch.einsum("hgd,nhd->nhg", qg, one[:, :, 0]).amax(dim=(1, 2)), atol=1e-5)
+
+
+def decode_within(llm: LLM, seq: Sequence, budget: int, steps: int) -> torch.Tensor:
+    """Prefill ``seq`` and decode ``steps`` greedy tokens, the pool within ``budget`` and its
+    books exact at every step; the last logits."""
+    seq.reserve(steps)
+    logits = seq.prefill(512)
+    for _ in range(steps):
+        assert llm.pool.bytes_used <= budget
+        assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
+        llm.pool.check_integrity()
+        for layer in seq.cache.paged_layers:
+            layer.check()
+        logits = seq.step(int(logits.argmax()))
+    return logits
 
 
 def test_the_block_a_query_points_at_is_fetched(tmp_path: Path) -> None:
@@ -74,15 +90,7 @@ def test_byte_budget_holds_at_every_step_and_files_go_with_the_sequence(tiny: Lo
     llm = LLM(tiny, block_size=4, kv_budget=budget, policy="offload")
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 150))
-    seq.reserve(200)
-    logits = seq.prefill(512)
-    for _ in range(200):
-        assert llm.pool.bytes_used <= budget
-        assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
-        llm.pool.check_integrity()
-        for layer in seq.cache.paged_layers:
-            layer.check()
-        logits = seq.step(int(logits.argmax()))
+    logits = decode_within(llm, seq, budget, 200)
     layers = [layer for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
     assert all(layer.num_offloaded > 60 and layer.reads > 0 for layer in layers)
     assert seq.cache.nbytes < seq.num_cached * tiny.spec.kv_bytes_per_token / 2
@@ -134,13 +142,7 @@ def test_packed_blocks_are_offloaded_and_fetched_as_their_bytes(llama: LoadedMod
     llm = LLM(llama, block_size=8, kv_budget=budget, policy=policy)
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 200))
-    seq.reserve(40)
-    logits = seq.prefill(512)
-    for _ in range(40):
-        assert llm.pool.bytes_used <= budget
-        assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
-        llm.pool.check_integrity()
-        logits = seq.step(int(logits.argmax()))
+    decode_within(llm, seq, budget, 40)
     layers = [layer for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
     assert layers and all(layer.num_offloaded > 20 and layer.reads > 0 for layer in layers)
     for layer in layers:
@@ -210,11 +212,7 @@ def test_sliding_layers_at_a_format_of_their_own_leave_offload_more_room(gemma: 
     llm = LLM(gemma, block_size=8, kv_budget=budget, policy="offload+kivi4+sliding-kivi2")
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 200))
-    seq.reserve(20)
-    logits = seq.prefill(512)
-    for _ in range(20):
-        assert llm.pool.bytes_used <= budget
-        logits = seq.step(int(logits.argmax()))
+    decode_within(llm, seq, budget, 20)
     formats = {(layer.kind, layer.parts()[""].fmt.name) for layer in seq.cache.kv_layers}  # type: ignore[union-attr]
     assert formats == {("offload", "kivi4"), ("sliding", "kivi2")}
     assert any(layer.num_offloaded > 0 for layer in seq.cache.kv_layers if isinstance(layer, OffloadLayer))
