@@ -118,12 +118,23 @@ def test_chat_goes_on_after_a_refused_turn(tiny_folder: str) -> None:
 
 
 def test_policies_lists_every_registered_policy() -> None:
-    from kvmem.compress.registry import QUANTIZERS, SCORERS
+    from kvmem.compress.registry import QUANTIZERS, RESIDUALS, SCORERS
 
     proc = kvmem("policies")
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.strip().splitlines()]
-    assert names == [*SCORERS, "pyramid", "cake", "adakv", "mixed", "merge", *QUANTIZERS, "offload"]
+    assert names == [
+        *SCORERS,
+        "pyramid",
+        "cake",
+        "adakv",
+        "mixed",
+        "merge",
+        "sliding-<format>",
+        *QUANTIZERS,
+        *RESIDUALS,
+        "offload",
+    ]
 
 
 def test_generate_with_a_policy_stays_within_the_budget(tiny_folder: str) -> None:

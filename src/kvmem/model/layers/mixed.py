@@ -106,23 +106,25 @@ class MixedLayer(KVLayer):
         """Most bytes with ``n`` high-precision blocks and ``ratio * n`` low ones."""
         return 0 if n == 0 else self.high.cost_of_blocks(n) + self.low.cost_of_blocks(self.ratio * n)
 
-    def split(self, capacity: int, tokens: int) -> tuple[int, int]:
+    def split(self, capacity: int, tokens: int, need: int = 0) -> tuple[int, int]:
         """(high, low) tokens to hold when ``tokens`` in all should fit the bytes of ``capacity``
         high tokens at the static split: as many high blocks as leave room for every other token
-        in low blocks (never more than ``capacity``'s, at least one), the rest of the room low."""
+        in low blocks (never more than ``capacity``'s, at least enough for ``need`` arriving
+        tokens and one kept), the rest of the room low."""
         bs = self.high.block_size
         most = max(1, capacity // bs)
+        least = min(most, -(-(need + 1) // bs))
         room = self.cost_of_blocks(most)
         high = self.high.cost_of_blocks(2) - self.high.cost_of_blocks(1)  # a high block's bytes
         base = self.high.cost_of_blocks(1) - high  # the residual block's
         low = self.low.cost_of_blocks(2) - self.low.cost_of_blocks(1)
         blocks = -(-tokens // bs)
         fitting = (room - base - blocks * low) // (high - low) if high > low else most
-        n_high = max(1, min(most, fitting))
+        n_high = max(least, min(most, fitting))
         return n_high * bs, max(0, (room - base - n_high * high) // low) * bs
 
     def capacity_for(self, capacity: int, need: int) -> int:
-        return self.split(capacity, self.held + self.num_low + need)[0]
+        return self.split(capacity, self.held + self.num_low + need, need)[0]
 
     def bytes_to_append(self, q: int) -> tuple[int, int]:
         before, after = self.high.bytes_to_append(q)
@@ -145,7 +147,7 @@ class MixedLayer(KVLayer):
             raise NotImplementedError(
                 "a mixed-precision layer demotes within a fixed capacity, without merging"
             )
-        self.demote(chosen, self.split(capacity, self.held + self.num_low + need)[1])
+        self.demote(chosen, self.split(capacity, self.held + self.num_low + need, need)[1])
 
     @torch.inference_mode()
     def demote(self, keep: torch.Tensor, low_capacity: int) -> None:
