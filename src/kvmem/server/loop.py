@@ -157,8 +157,9 @@ class EngineLoop:
                 except Exception as exc:  # a bug: fail what is in flight, keep serving
                     log.error("engine step failed:\n%s", traceback.format_exc())
                     outputs = self._fail_all(exc)
-                self._deliver(outputs)
+                # gauges first: a client that has its last token sees its blocks released in /metrics
                 self.metrics.observe_engine(engine)
+                self._deliver(outputs)
             elif self._stop.is_set():
                 break
             else:
