@@ -21,14 +21,19 @@ from pydoc_data.topics import topics
 import kvmem
 
 
-def step_time(llm: kvmem.LLM, ids: list[int], steps: int) -> float:
+def step_time(llm: kvmem.LLM, ids: list[int], steps: int, profile: cProfile.Profile | None = None) -> float:
+    """Seconds per greedy decode step after prefilling ``ids`` (``profile``: enabled around the steps)."""
     seq = llm.new_sequence()
     seq.token_ids = list(ids)
     logits = seq.prefill(512)
+    if profile is not None:
+        profile.enable()
     start = time.perf_counter()
     for _ in range(steps):
         logits = seq.step(int(logits.argmax()))
     elapsed = time.perf_counter() - start
+    if profile is not None:
+        profile.disable()
     seq.release()
     return elapsed / steps
 
@@ -50,15 +55,8 @@ def main() -> None:
     full_s = step_time(kvmem.LLM(model), ids, args.steps)
     policy_s = step_time(llm, ids, args.steps)
 
-    seq = llm.new_sequence()
-    seq.token_ids = list(ids)
-    logits = seq.prefill(512)
     profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(args.steps):
-        logits = seq.step(int(logits.argmax()))
-    profile.disable()
-    seq.release()
+    step_time(llm, ids, args.steps, profile)
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     total = sum(  # Sequence.step, cumulative
         ct
