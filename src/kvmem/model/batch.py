@@ -140,15 +140,15 @@ class ForwardBatch(Cache):
     ) -> None:
         """Rows computing one token each, in one padded SDPA call."""
         heads, dim = key.shape[1], key.shape[3]
-        slots = [pasts[b].slots for b in rows]
+        slots = [pasts[b].lo + pasts[b].count for b in rows]  # the unfilled tail of a last block left out
         t = max(slots) + 1
         zeros = key.new_zeros(heads, t - min(slots) - 1, dim)  # the longest padding any row needs
         parts_k: list[torch.Tensor] = []
         parts_v: list[torch.Tensor] = []
         for b, n in zip(rows, slots):
             start = self.starts[b]
-            parts_k += pasts[b].keys  # type: ignore[arg-type]  # decoded: no None left
-            parts_v += pasts[b].values  # type: ignore[arg-type]
+            parts_k += _held(pasts[b].keys, n)
+            parts_v += _held(pasts[b].values, n)
             parts_k.append(key[0, :, start : start + 1])
             parts_v.append(value[0, :, start : start + 1])
             if t - n - 1:
@@ -216,8 +216,9 @@ class ForwardBatch(Cache):
         start, size = self.starts[b], self.sizes[b]
         new_k = key[0, :, start : start + size]
         new_v = value[0, :, start : start + size]
-        keys = torch.cat([*past.keys, new_k], dim=1) if past.keys else new_k  # type: ignore[list-item]
-        values = torch.cat([*past.values, new_v], dim=1) if past.values else new_v  # type: ignore[list-item]
+        held = past.lo + past.count
+        keys = torch.cat([*_held(past.keys, held), new_k], dim=1)
+        values = torch.cat([*_held(past.values, held), new_v], dim=1)
         n = keys.shape[1] - size  # slots before the new tokens
         device = query.device
         slot = torch.arange(n + size, device=device).view(1, -1)
@@ -264,6 +265,24 @@ class ForwardBatch(Cache):
         else:
             keys = new_k
         observer.observe(layer_idx, query[:, :, start : start + size], keys, scaling, valid)
+
+
+def _held(parts: list[torch.Tensor | None], end: int) -> list[torch.Tensor]:
+    """The parts [H, n_i, D] cut to the first ``end`` slots (views, decoded: no None left).
+
+    Attention then reads a sequence's tokens followed directly by its new ones, as transformers
+    lays them out: with the unfilled tail of the last block in between, masked, the result is the
+    same in exact arithmetic but SDPA splits the keys elsewhere, and in bfloat16 its online softmax
+    rounds differently (logits drifted by a few bfloat16 steps from transformers' in a decode).
+    """
+    held: list[torch.Tensor] = []
+    for part in parts:
+        assert part is not None, "decode_packed first"
+        if end <= 0:
+            break
+        held.append(part if part.shape[1] <= end else part[:, :end])
+        end -= part.shape[1]
+    return held
 
 
 def forward(model: PreTrainedModel, rows: list[Row]) -> list[torch.Tensor]:
