@@ -106,6 +106,14 @@ def _reuse_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--disk-cache-max", default=None, metavar="SIZE", help="size cap of the disk cache (2GiB)")
     p.add_argument(
+        "--reuse-whole-blocks",
+        dest="exact_reuse",
+        action="store_false",
+        help="reuse every whole cached block, not only whole prefill chunks: more tokens reused, "
+        "but the rest is computed in other chunk shapes than a cold run, so in bfloat16 greedy "
+        "tokens may differ from it (default: reused prefixes end on a --prefill-chunk boundary)",
+    )
+    p.add_argument(
         "--redis-cache",
         default=None,
         metavar="URL",
@@ -245,6 +253,7 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
         compress_after_prompt=getattr(args, "compress_after_prompt", None),
         redis_cache=getattr(args, "redis_cache", None),
         redis_ttl_s=getattr(args, "redis_ttl", DEFAULT_TTL_S),
+        exact_reuse=getattr(args, "exact_reuse", True),
         **engine,
     )
 

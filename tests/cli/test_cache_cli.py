@@ -19,7 +19,18 @@ PROMPT = "The harbor town kept its lamps lit through the long winter nights, and
 
 def _generate(folder: Path, cache: Path, *extra: str) -> dict[str, object]:
     cmd = [sys.executable, "-m", "kvmem.cli", "generate", "--model", str(folder), "--prompt", PROMPT]
-    cmd += ["--max-new-tokens", "6", "--block-size", "4", "--disk-cache", str(cache), "--json", *extra]
+    cmd += [
+        "--max-new-tokens",
+        "6",
+        "--block-size",
+        "4",
+        "--prefill-chunk",
+        "8",
+        "--disk-cache",
+        str(cache),
+        "--json",
+        *extra,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
@@ -37,8 +48,9 @@ def test_a_second_process_reads_the_prefix_from_disk(llama: LoadedModel, tmp_pat
     second = _generate(folder, cache)
     prompt_tokens = second["prompt_tokens"]
     assert isinstance(prompt_tokens, int)
-    assert second["tokens_reused"] == second["tokens_from_disk"] == (prompt_tokens - 1) // 4 * 4
-    assert second["tokens_prefilled"] == prompt_tokens - (prompt_tokens - 1) // 4 * 4
+    reused = (prompt_tokens - 1) // 8 * 8  # whole prefill chunks (exact reuse), not whole blocks
+    assert second["tokens_reused"] == second["tokens_from_disk"] == reused
+    assert second["tokens_prefilled"] == prompt_tokens - reused
     assert second["token_ids"] == first["token_ids"]
 
 
@@ -48,7 +60,7 @@ def test_cache_ls_stats_clear(
     from kvmem.engine.llm import LLM
 
     cache = tmp_path / "kv"
-    LLM(llama, block_size=4, disk_cache=cache).generate(PROMPT, max_new_tokens=2)
+    LLM(llama, block_size=4, prefill_chunk=4, disk_cache=cache).generate(PROMPT, max_new_tokens=2)
     files = sorted(p.name.removesuffix(".kvblock") for p in cache.glob("??/*.kvblock"))
     assert main(["cache", "ls", "--dir", str(cache)]) == 0
     listed = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines())

@@ -15,17 +15,19 @@ Q1, Q2 = "When did the ferry run?", "What stayed lit?"
 def test_a_restarted_llm_reads_the_prefix_back_from_disk(
     tiny: LoadedModel, policy: str | None, tmp_path: Path
 ) -> None:
-    first = LLM(tiny, block_size=4, policy=policy, disk_cache=tmp_path)
+    first = LLM(tiny, block_size=4, prefill_chunk=4, policy=policy, disk_cache=tmp_path)
     first.generate(DOC + Q1, max_new_tokens=8)
     assert first.prefix is not None and first.prefix.disk is not None
     assert first.prefix.disk.stats.writes == len(first.prefix.disk.files()) > 0
-    restarted = LLM(tiny, block_size=4, policy=policy, disk_cache=tmp_path)  # empty RAM
+    restarted = LLM(tiny, block_size=4, prefill_chunk=4, policy=policy, disk_cache=tmp_path)  # empty RAM
     result = restarted.generate(DOC + Q2, max_new_tokens=8)
     doc_blocks = len(restarted.encode(DOC)) // 4
     assert result.stats.tokens_reused == result.stats.tokens_from_disk == doc_blocks * 4
     assert (
         result.token_ids
-        == LLM(tiny, block_size=4, policy=policy).generate(DOC + Q2, max_new_tokens=8).token_ids
+        == LLM(tiny, block_size=4, prefill_chunk=4, policy=policy)
+        .generate(DOC + Q2, max_new_tokens=8)
+        .token_ids
     )
     restarted.pool.check_integrity()
     assert restarted.pool.bytes_used == restarted.pool.physical_nbytes()
@@ -33,8 +35,8 @@ def test_a_restarted_llm_reads_the_prefix_back_from_disk(
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_a_damaged_block_file_is_recomputed(llama: LoadedModel, tmp_path: Path, damage: str) -> None:
-    LLM(llama, block_size=4, disk_cache=tmp_path).generate(DOC + Q1, max_new_tokens=8)
-    restarted = LLM(llama, block_size=4, disk_cache=tmp_path)
+    LLM(llama, block_size=4, prefill_chunk=4, disk_cache=tmp_path).generate(DOC + Q1, max_new_tokens=8)
+    restarted = LLM(llama, block_size=4, prefill_chunk=4, disk_cache=tmp_path)
     assert restarted.prefix is not None and restarted.prefix.disk is not None
     disk = restarted.prefix.disk
     # damage the file of the document's 5th block: the first 4 still come from disk
@@ -52,14 +54,19 @@ def test_a_damaged_block_file_is_recomputed(llama: LoadedModel, tmp_path: Path, 
     result = restarted.generate(DOC + Q2, max_new_tokens=8)
     assert result.stats.tokens_from_disk == result.stats.tokens_reused == 16
     assert disk.stats.corrupt == (0 if damage == "delete" else 1)
-    assert result.token_ids == LLM(llama, block_size=4).generate(DOC + Q2, max_new_tokens=8).token_ids
+    assert (
+        result.token_ids
+        == LLM(llama, block_size=4, prefill_chunk=4).generate(DOC + Q2, max_new_tokens=8).token_ids
+    )
     assert fifth.exists()  # recomputed and written again
-    again = LLM(llama, block_size=4, disk_cache=tmp_path).generate(DOC + Q2, max_new_tokens=8)
+    again = LLM(llama, block_size=4, prefill_chunk=4, disk_cache=tmp_path).generate(
+        DOC + Q2, max_new_tokens=8
+    )
     assert again.stats.tokens_from_disk == (len(restarted.encode(DOC + Q2)) - 1) // 4 * 4
 
 
 def test_blocks_evicted_from_ram_come_back_from_disk(llama: LoadedModel, tmp_path: Path) -> None:
-    llm = LLM(llama, kv_budget=80_000, block_size=4, disk_cache=tmp_path)
+    llm = LLM(llama, kv_budget=80_000, block_size=4, prefill_chunk=4, disk_cache=tmp_path)
     llm.generate(DOC + Q1, max_new_tokens=4)  # ~58 KiB of blocks cached
     llm.generate(
         "Another text entirely, long enough to push the document out of RAM. More.", max_new_tokens=4
@@ -67,13 +74,16 @@ def test_blocks_evicted_from_ram_come_back_from_disk(llama: LoadedModel, tmp_pat
     assert llm.pool.bytes_used <= 80_000
     result = llm.generate(DOC + Q2, max_new_tokens=4)
     assert result.stats.tokens_reused > 0 and result.stats.tokens_from_disk > 0
-    assert result.token_ids == LLM(llama, block_size=4).generate(DOC + Q2, max_new_tokens=4).token_ids
+    assert (
+        result.token_ids
+        == LLM(llama, block_size=4, prefill_chunk=4).generate(DOC + Q2, max_new_tokens=4).token_ids
+    )
     llm.pool.check_integrity()
 
 
 def test_the_disk_cap_holds(llama: LoadedModel, tmp_path: Path) -> None:
     cap = 20_000  # a block file of the tiny llama is ~2 KiB
-    llm = LLM(llama, block_size=4, disk_cache=tmp_path, disk_cache_max=cap)
+    llm = LLM(llama, block_size=4, prefill_chunk=4, disk_cache=tmp_path, disk_cache_max=cap)
     for i in range(4):
         llm.generate(f"{i} " + DOC, max_new_tokens=4)
         assert llm.prefix is not None and llm.prefix.disk is not None

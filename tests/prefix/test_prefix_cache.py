@@ -19,8 +19,8 @@ def _ids(llm: LLM, text: str) -> list[int]:
 
 @pytest.mark.parametrize("policy", [None, "kivi4"])
 def test_reused_prefix_gives_the_tokens_of_a_fresh_computation(tiny: LoadedModel, policy: str | None) -> None:
-    shared = LLM(tiny, block_size=4, policy=policy, prefix_cache=True)
-    fresh = LLM(tiny, block_size=4, policy=policy)
+    shared = LLM(tiny, block_size=4, prefill_chunk=4, policy=policy, prefix_cache=True)
+    fresh = LLM(tiny, block_size=4, prefill_chunk=4, policy=policy)
     doc_tokens = len(_ids(shared, DOC))
     for i, question in enumerate(QUESTIONS):
         prompt = DOC + question
@@ -35,7 +35,7 @@ def test_reused_prefix_gives_the_tokens_of_a_fresh_computation(tiny: LoadedModel
 
 
 def test_same_prompt_twice_computes_only_the_last_block(tiny: LoadedModel) -> None:
-    llm = LLM(tiny, block_size=4, prefix_cache=True)
+    llm = LLM(tiny, block_size=4, prefill_chunk=4, prefix_cache=True)
     first = llm.generate(DOC, max_new_tokens=8)
     again = llm.generate(DOC, max_new_tokens=8)
     assert again.token_ids == first.token_ids
@@ -45,7 +45,7 @@ def test_same_prompt_twice_computes_only_the_last_block(tiny: LoadedModel) -> No
 
 
 def test_two_live_sequences_hold_a_shared_prefix_once(llama: LoadedModel) -> None:
-    llm = LLM(llama, block_size=4, prefix_cache=True)
+    llm = LLM(llama, block_size=4, prefill_chunk=4, prefix_cache=True)
     first = llm.new_sequence()
     first.token_ids = _ids(llm, DOC + QUESTIONS[0])
     first.prefill(512)
@@ -75,7 +75,7 @@ def test_two_live_sequences_hold_a_shared_prefix_once(llama: LoadedModel) -> Non
 
 def test_cached_blocks_give_way_lru_under_the_budget(llama: LoadedModel) -> None:
     budget = 48_000  # 46 blocks of 1 KiB (a layer's 4 tokens); the longest request needs 44
-    llm = LLM(llama, kv_budget=budget, block_size=4, prefix_cache=True)
+    llm = LLM(llama, kv_budget=budget, block_size=4, prefill_chunk=4, prefix_cache=True)
     prompts = ["ABCDEF"[i] + " asks: " + DOC[: 40 + 7 * i] for i in range(6)]  # no block in common
     for prompt in prompts:  # every prompt alone fits; all of them cached do not
         result = llm.generate(prompt, max_new_tokens=6)
@@ -89,7 +89,7 @@ def test_cached_blocks_give_way_lru_under_the_budget(llama: LoadedModel) -> None
 
 
 def test_a_salt_keeps_tenants_apart(llama: LoadedModel) -> None:
-    llm = LLM(llama, block_size=4, prefix_cache=True)
+    llm = LLM(llama, block_size=4, prefill_chunk=4, prefix_cache=True)
     llm.generate(DOC, max_new_tokens=4, cache_salt="tenant-a")
     assert llm.generate(DOC, max_new_tokens=4, cache_salt="tenant-b").stats.tokens_reused == 0
     assert llm.generate(DOC, max_new_tokens=4).stats.tokens_reused == 0  # no salt is its own tenant
@@ -98,8 +98,8 @@ def test_a_salt_keeps_tenants_apart(llama: LoadedModel) -> None:
 
 def test_sliding_layers_rebuild_their_window_from_cached_blocks(gemma: LoadedModel) -> None:
     # window 8 over 4-token blocks: a sliding layer's old blocks are freed, the index keeps them
-    llm = LLM(gemma, block_size=4, prefix_cache=True)
-    fresh = LLM(gemma, block_size=4)
+    llm = LLM(gemma, block_size=4, prefill_chunk=4, prefix_cache=True)
+    fresh = LLM(gemma, block_size=4, prefill_chunk=4)
     llm.generate(DOC + QUESTIONS[0], max_new_tokens=10)
     result = llm.generate(DOC + QUESTIONS[1], max_new_tokens=10)
     assert result.stats.tokens_reused > 0
@@ -107,19 +107,19 @@ def test_sliding_layers_rebuild_their_window_from_cached_blocks(gemma: LoadedMod
 
 
 def test_chat_turns_share_a_system_prompt(llama: LoadedModel) -> None:
-    llm = LLM(llama, block_size=4, prefix_cache=True)
+    llm = LLM(llama, block_size=4, prefill_chunk=4, prefix_cache=True)
     system = "You answer questions about the harbor town. " + DOC
     with llm.chat(system) as one:
         one.send(QUESTIONS[0], max_new_tokens=6)
     with llm.chat(system) as two:
         result = two.send(QUESTIONS[1], max_new_tokens=6)
     assert result.stats.tokens_reused >= 4 * (len(_ids(llm, system)) // 4) - 4
-    fresh = LLM(llama, block_size=4).chat(system)
+    fresh = LLM(llama, block_size=4, prefill_chunk=4).chat(system)
     assert fresh.send(QUESTIONS[1], max_new_tokens=6).token_ids == result.token_ids
 
 
 def test_a_refused_request_releases_what_it_adopted(llama: LoadedModel) -> None:
-    llm = LLM(llama, kv_budget=60_000, block_size=4, prefix_cache=True)
+    llm = LLM(llama, kv_budget=60_000, block_size=4, prefill_chunk=4, prefix_cache=True)
     llm.generate(DOC, max_new_tokens=4)
     cached = llm.pool.bytes_used
     refs = {b: llm.pool.manager.ref_count(b) for b in llm.pool.manager.live_ids()}
@@ -137,13 +137,13 @@ def test_eviction_policies_do_not_share_prefixes(llama: LoadedModel) -> None:
 
 def test_sliding_layers_old_blocks_give_way_so_a_tight_budget_holds(gemma: LoadedModel) -> None:
     ids = list(range(3, 203))
-    plain = LLM(gemma, block_size=4)
+    plain = LLM(gemma, block_size=4, prefill_chunk=4)
     seq = plain.new_sequence()
     seq.token_ids = list(ids)
     seq.prefill(512)
     budget = plain.pool.bytes_used + 8 * 1024  # what the sequence itself needs, and a little
     seq.release()
-    llm = LLM(gemma, block_size=4, kv_budget=budget, prefix_cache=True)
+    llm = LLM(gemma, block_size=4, prefill_chunk=4, kv_budget=budget, prefix_cache=True)
     seq = llm.new_sequence()
     seq.token_ids = list(ids)
     seq.reserve(0)
@@ -154,7 +154,7 @@ def test_sliding_layers_old_blocks_give_way_so_a_tight_budget_holds(gemma: Loade
 
 
 def test_a_chain_is_cut_from_its_end(llama: LoadedModel) -> None:
-    llm = LLM(llama, block_size=4, prefix_cache=True)
+    llm = LLM(llama, block_size=4, prefill_chunk=4, prefix_cache=True)
     first = llm.generate(DOC, max_new_tokens=2)
     assert llm.prefix is not None
     one_entry = 2 * llm.new_sequence().cache.kv_layers[0].stream().block_bytes
@@ -164,7 +164,7 @@ def test_a_chain_is_cut_from_its_end(llama: LoadedModel) -> None:
 
 
 def test_a_resumed_session_keeps_its_tenant_salt(llama: LoadedModel, tmp_path: Path) -> None:
-    llm = LLM(llama, block_size=4, prefix_cache=True)
+    llm = LLM(llama, block_size=4, prefill_chunk=4, prefix_cache=True)
     path = tmp_path / "a.kvsession"
     with llm.chat(DOC, cache_salt="tenant-a") as session:
         session.send(QUESTIONS[0], max_new_tokens=4)
@@ -185,7 +185,7 @@ def test_offloading_does_not_share_prefixes(llama: LoadedModel) -> None:
 
 
 def test_an_allocation_that_cannot_fit_keeps_the_cache(llama: LoadedModel) -> None:
-    llm = LLM(llama, kv_budget=60_000, block_size=4, prefix_cache=True)
+    llm = LLM(llama, kv_budget=60_000, block_size=4, prefill_chunk=4, prefix_cache=True)
     llm.generate(DOC, max_new_tokens=2)
     assert llm.prefix is not None
     entries, free = len(llm.prefix.index), llm.pool.bytes_free
@@ -193,3 +193,51 @@ def test_an_allocation_that_cannot_fit_keeps_the_cache(llama: LoadedModel) -> No
     with pytest.raises(KVBudgetError):
         llm.pool.allocate_raw(free + llm.prefix.reclaimable() + 1, llm.pool.tensor(0).device)
     assert len(llm.prefix.index) == entries  # evicting would not have helped: nothing evicted
+
+
+class ForwardLog:
+    """The token ids of every model forward (one entry per prefill chunk or decode step)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.calls: list[tuple[int, ...]] = []
+        embed = loaded.model.get_input_embeddings()
+        self.handle = embed.register_forward_pre_hook(
+            lambda _m, args: self.calls.append(tuple(args[0][0].tolist()))
+        )
+
+    def take(self) -> list[tuple[int, ...]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_reuse_ends_where_a_cold_run_began_a_prefill_chunk(llama: LoadedModel, exact: bool) -> None:
+    """With ``exact_reuse`` (the default) a reused prefix is a multiple of ``prefill_chunk``, so
+    a warm run's forwards are the cold run's last forwards, token for token and shape for shape:
+    whatever the CPU's kernels round, they round the same (bfloat16 tokens drifted without it).
+    Without it every whole block is reused and the rest runs in a chunk of another shape."""
+    llm = LLM(llama, block_size=4, prefill_chunk=16, prefix_cache=True, exact_reuse=exact)
+    prompt = list(range(3, 93))  # 90 tokens: cold chunks of 16, 16, 16, 16, 16, 10
+    log = ForwardLog(llama)
+    try:
+        cold = llm.generate(prompt, max_new_tokens=6)
+        cold_calls = log.take()
+        warm = llm.generate(prompt, max_new_tokens=6)
+        warm_calls = log.take()
+    finally:
+        log.handle.remove()
+    assert [len(c) for c in cold_calls[:6]] == [16, 16, 16, 16, 16, 10]
+    assert warm.token_ids == cold.token_ids
+    if exact:
+        assert warm.stats.tokens_reused == 80  # 5 whole chunks; 88 would be whole blocks
+        assert warm_calls == cold_calls[-len(warm_calls) :]
+    else:
+        assert warm.stats.tokens_reused == 88
+        assert warm_calls[0] == tuple(prompt[88:]) and warm_calls[0] not in cold_calls
+
+
+def test_a_prompt_shorter_than_one_chunk_reuses_nothing_by_default(llama: LoadedModel) -> None:
+    llm = LLM(llama, block_size=4, prefill_chunk=64, prefix_cache=True)
+    llm.generate(list(range(3, 50)), max_new_tokens=2)
+    assert llm.generate(list(range(3, 50)), max_new_tokens=2).stats.tokens_reused == 0
+    assert llm.generate(list(range(3, 80)), max_new_tokens=2).stats.tokens_reused == 0  # 44 cached, < 64

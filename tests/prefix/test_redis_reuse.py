@@ -21,18 +21,22 @@ BS = 4
 
 
 def alone(model: LoadedModel, prompt: str, policy: str | None = None) -> list[int]:
-    return LLM(model, block_size=BS, policy=policy).generate(prompt, max_new_tokens=8).token_ids
+    return (
+        LLM(model, block_size=BS, prefill_chunk=BS, policy=policy)
+        .generate(prompt, max_new_tokens=8)
+        .token_ids
+    )
 
 
 @pytest.mark.parametrize("policy", [None, "kivi4"])
 def test_a_second_llm_reads_the_prefix_from_redis(
     tiny: LoadedModel, policy: str | None, redis_url: str
 ) -> None:
-    first = LLM(tiny, block_size=BS, policy=policy, redis_cache=redis_url)
+    first = LLM(tiny, block_size=BS, prefill_chunk=BS, policy=policy, redis_cache=redis_url)
     first.generate(DOC + Q1, max_new_tokens=8)
     assert first.prefix is not None and first.prefix.redis is not None
     assert first.prefix.redis.stats.writes > 0
-    second = LLM(tiny, block_size=BS, policy=policy, redis_cache=redis_url)  # empty RAM
+    second = LLM(tiny, block_size=BS, prefill_chunk=BS, policy=policy, redis_cache=redis_url)  # empty RAM
     result = second.generate(DOC + Q2, max_new_tokens=8)
     doc_blocks = len(second.encode(DOC)) // BS
     assert result.stats.tokens_reused == result.stats.tokens_from_redis == doc_blocks * BS
@@ -45,12 +49,14 @@ def test_a_second_llm_reads_the_prefix_from_redis(
 def test_redis_is_read_before_disk_and_disk_covers_what_redis_lost(
     llama: LoadedModel, redis_url: str, tmp_path: Path
 ) -> None:
-    LLM(llama, block_size=BS, redis_cache=redis_url, disk_cache=tmp_path).generate(DOC + Q1, max_new_tokens=8)
-    both = LLM(llama, block_size=BS, redis_cache=redis_url, disk_cache=tmp_path)
+    LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=redis_url, disk_cache=tmp_path).generate(
+        DOC + Q1, max_new_tokens=8
+    )
+    both = LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=redis_url, disk_cache=tmp_path)
     r = both.generate(DOC + Q2, max_new_tokens=8)
     assert r.stats.tokens_from_redis == r.stats.tokens_reused > 0 and r.stats.tokens_from_disk == 0
     redis.Redis.from_url(redis_url).flushall()  # Redis evicted everything (or restarted empty)
-    again = LLM(llama, block_size=BS, redis_cache=redis_url, disk_cache=tmp_path)
+    again = LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=redis_url, disk_cache=tmp_path)
     r2 = again.generate(DOC + Q2, max_new_tokens=8)
     whole = (len(again.encode(DOC + Q2)) - 1) // BS * BS  # `both` stored its own blocks too
     assert r2.stats.tokens_from_disk == r2.stats.tokens_reused == whole
@@ -58,10 +64,10 @@ def test_redis_is_read_before_disk_and_disk_covers_what_redis_lost(
 
 
 def test_another_tenant_gets_nothing_from_redis(llama: LoadedModel, redis_url: str) -> None:
-    first = LLM(llama, block_size=BS, redis_cache=redis_url)
+    first = LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=redis_url)
     first.engine.add_request(first.encode(DOC + Q1), max_new_tokens=4, cache_salt="tenant-a")
     list(first.engine.run_until_done(list(first.engine.requests)))
-    second = LLM(llama, block_size=BS, redis_cache=redis_url)
+    second = LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=redis_url)
     ids = {
         salt: second.engine.add_request(second.encode(DOC + Q2), max_new_tokens=4, cache_salt=salt)
         for salt in ("tenant-b", "tenant-a")
@@ -73,8 +79,8 @@ def test_another_tenant_gets_nothing_from_redis(llama: LoadedModel, redis_url: s
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign-model"])
 def test_a_damaged_or_foreign_block_is_recomputed(llama: LoadedModel, redis_url: str, damage: str) -> None:
-    LLM(llama, block_size=BS, redis_cache=redis_url).generate(DOC + Q1, max_new_tokens=8)
-    second = LLM(llama, block_size=BS, redis_cache=redis_url)
+    LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=redis_url).generate(DOC + Q1, max_new_tokens=8)
+    second = LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=redis_url)
     assert second.prefix is not None and second.prefix.redis is not None
     tier = second.prefix.redis
     fifth = block_hashes(second.prefix.state().root, second.encode(DOC), BS)[4]
@@ -86,7 +92,7 @@ def test_a_damaged_or_foreign_block_is_recomputed(llama: LoadedModel, redis_url:
     elif damage == "truncate":
         data = data[:100]
     else:  # another model's valid block, re-keyed under this key (a collision, a misconfigured peer)
-        other = LLM(tiny_llama(seed=7), block_size=BS, redis_cache=redis_url)
+        other = LLM(tiny_llama(seed=7), block_size=BS, prefill_chunk=BS, redis_cache=redis_url)
         other.generate(DOC + Q1, max_new_tokens=2)
         assert other.prefix is not None
         its_fifth = block_hashes(other.prefix.state().root, other.encode(DOC), BS)[4]
@@ -99,15 +105,17 @@ def test_a_damaged_or_foreign_block_is_recomputed(llama: LoadedModel, redis_url:
     assert tier.stats.corrupt == 1
     assert result.token_ids == alone(llama, DOC + Q2)
     # recomputed and written again: a third LLM reads the whole document from Redis
-    again = LLM(llama, block_size=BS, redis_cache=redis_url).generate(DOC + Q2, max_new_tokens=8)
+    again = LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=redis_url).generate(
+        DOC + Q2, max_new_tokens=8
+    )
     assert again.stats.tokens_from_redis == (len(second.encode(DOC + Q2)) - 1) // BS * BS
 
 
 def test_redis_killed_mid_run_is_a_miss_not_a_failure(llama: LoadedModel, tmp_path: Path) -> None:
     with redis_server(tmp_path) as server:
-        first = LLM(llama, block_size=BS, redis_cache=server.url)
+        first = LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=server.url)
         first.generate(DOC + Q1, max_new_tokens=8)
-        second = LLM(llama, block_size=BS, redis_cache=server.url)
+        second = LLM(llama, block_size=BS, prefill_chunk=BS, redis_cache=server.url)
         server.kill()
     results = [second.generate(DOC + q, max_new_tokens=8) for q in (Q2, Q1)]
     assert second.prefix is not None and second.prefix.redis is not None

@@ -73,7 +73,8 @@ def run_questions(llm: LLM, context: Context, request: Request) -> list[Record]:
                 single = llm.new_sequence()
                 single.token_ids = llm.encode(context.text + question.question)
                 if request.mode == "multirequest":
-                    single.reuse_prefix()  # the context's blocks, if an earlier request left them
+                    # the context's blocks, if an earlier request left them
+                    single.reuse_prefix(llm.config.reuse_align)
                 try:
                     records.append(_answer(llm, single, context, i, request))
                 finally:

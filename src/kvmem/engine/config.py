@@ -27,6 +27,11 @@ class EngineConfig:
     ``redis_cache``: a Redis URL (``redis://127.0.0.1:6379/0``) whose server every process pointing
     at it shares: the tier after RAM and before disk (turns ``prefix_cache`` on); ``redis_ttl_s``:
     how long a block stays there unread (Redis's own ``maxmemory`` policy evicts before that).
+    ``exact_reuse``: a cached prefix is reused up to a multiple of ``prefill_chunk`` only, so the
+    rest of the prompt is computed in the chunks a cold run computes it in and the output is the
+    cold run's token for token (matrix kernels round differently for different chunk lengths: in
+    bfloat16 on CPUs with AMX that changes greedy tokens). False: every whole cached block is
+    reused (up to ``prefill_chunk - 1`` more tokens per request), tokens may then differ.
     ``max_num_seqs``: sequences running at once; a policy that evicts or offloads under a byte
     budget gives each request ``budget / max_num_seqs`` unless the request brings its own.
     ``max_batch_tokens``: tokens one forward computes at most (decodes and prefill chunks).
@@ -56,6 +61,7 @@ class EngineConfig:
     compress_after_prompt: int | str | None = None
     redis_cache: str | None = None
     redis_ttl_s: float | None = DEFAULT_TTL_S
+    exact_reuse: bool = True
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
@@ -101,6 +107,11 @@ class EngineConfig:
         resolve_dtype(self.dtype)  # raises UnsupportedDtypeError
         if self.reserve_new_tokens is not None and self.reserve_new_tokens < 0:
             raise ValueError(f"reserve_new_tokens must be >= 0 or None, got {self.reserve_new_tokens}")
+
+    @property
+    def reuse_align(self) -> int:
+        """Reused prefixes are a multiple of this many tokens (see ``exact_reuse``)."""
+        return self.prefill_chunk if self.exact_reuse else 1
 
     @property
     def shares_prefixes(self) -> bool:

@@ -52,11 +52,12 @@ class LLM:
         compress_after_prompt: int | str | None = None,
         redis_cache: str | None = None,
         redis_ttl_s: float | None = DEFAULT_TTL_S,
+        exact_reuse: bool = True,
     ) -> None:
         """``dtype`` and ``device`` apply to a model loaded by name or path (``"auto"``: see
         ``kvmem.model.dtype``); a ``LoadedModel`` is used in the dtype and on the device it has.
-        ``compress_after_prompt``: a peak in bytes; ``redis_cache``: a shared Redis tier's URL; see
-        ``EngineConfig``."""
+        ``compress_after_prompt``: a peak in bytes; ``redis_cache``: a shared Redis tier's URL;
+        ``exact_reuse``: reuse cached prefixes in whole prefill chunks only; see ``EngineConfig``."""
         name = model if isinstance(model, str) else model.name
         if not isinstance(model, str):
             dtype = str(model.spec.dtype).removeprefix("torch.")
@@ -76,6 +77,7 @@ class LLM:
             compress_after_prompt,
             redis_cache,
             redis_ttl_s,
+            exact_reuse,
         )
         if isinstance(model, str):
             device = device or "cpu"

@@ -111,7 +111,7 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting:
             request = self.waiting[0]
-            reused = request.seq.reuse_prefix()
+            reused = request.seq.reuse_prefix(self.config.reuse_align)
             try:
                 request.seq.check_policy(request.new_tokens_left(None))
             except KVMemError as exc:  # refused by its policy: it ends here, with the reason

@@ -100,11 +100,12 @@ class Sequence:
     def num_pending(self) -> int:
         return len(self.token_ids) - self.num_cached
 
-    def reuse_prefix(self) -> int:
-        """Adopt the longest cached prefix of ``token_ids`` (nothing computed yet); tokens reused."""
+    def reuse_prefix(self, align: int = 1) -> int:
+        """Adopt the longest cached prefix of ``token_ids`` (nothing computed yet); tokens reused,
+        a multiple of ``align`` (see ``PrefixCache.attach``)."""
         if self.prefix is None or self.prefix_state is None or self.num_cached or self.prefix_state.hashes:
             return 0
-        return self.prefix.attach(self.cache, self.token_ids, self.prefix_state)
+        return self.prefix.attach(self.cache, self.token_ids, self.prefix_state, align)
 
     def forget_prefix(self) -> None:
         """Undo ``reuse_prefix`` before anything was computed on top of it."""

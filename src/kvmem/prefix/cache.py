@@ -22,6 +22,7 @@ policies with a scorer, merging, head budgets or mixed precision do not share pr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -108,14 +109,19 @@ class PrefixCache:
         return self.index.reclaim(nbytes)
 
     # --- sequences
-    def attach(self, cache: KVMemCache, token_ids: list[int], state: PrefixState) -> int:
+    def attach(self, cache: KVMemCache, token_ids: list[int], state: PrefixState, align: int = 1) -> int:
         """Adopt the longest indexed prefix of ``token_ids`` into the empty ``cache``; tokens reused.
 
-        At least the last token is left to compute (its logits start the generation).
+        At least the last token is left to compute (its logits start the generation). The tokens
+        reused are a multiple of ``align`` (and of the block size): with ``align`` the prefill
+        chunk, what is left is computed in the very chunks a cold run computes it in, so the
+        matrix kernels see the same shapes and round the same way (in bfloat16 on CPUs with AMX
+        they round differently for different chunk lengths, and greedy tokens then drift).
         """
         assert cache.num_tokens == 0 and not state.hashes
         bs = self.block_size
-        usable = (len(token_ids) - 1) // bs
+        step = math.lcm(bs, max(1, align)) // bs  # blocks per reusable stride
+        usable = (len(token_ids) - 1) // bs // step * step
         keys = block_hashes(state.root, token_ids[: usable * bs], bs)
         entries = self.index.match(keys)
         # Pinned (one extra reference) until adopted: reading blocks back from disk may make the
@@ -128,7 +134,7 @@ class PrefixCache:
             from_tiers, sources = self._read_back(cache, keys[in_ram:], in_ram)
             pinned += [b for e in from_tiers for b in e.block_ids()]  # still hold their load reference
             entries += from_tiers
-            n = self._reusable(cache, entries)
+            n = self._reusable(cache, entries) // step * step
             for i, layer in enumerate(cache.kv_layers):
                 if n == 0:
                     break
