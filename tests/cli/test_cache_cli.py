@@ -70,3 +70,30 @@ def test_an_eviction_policy_with_a_disk_cache_is_refused(capsys: pytest.CaptureF
     )
     assert code == 2
     assert "quantizer alone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("days", ["-3", "nan", "inf", "abc", ""])
+def test_clear_refuses_a_bad_older_than_and_deletes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], days: str
+) -> None:
+    cache = tmp_path / "kv"
+    block = cache / "ab" / ("ab" * 16 + ".kvblock")
+    block.parent.mkdir(parents=True)
+    block.write_bytes(b"x")
+    assert main(["cache", "clear", "--dir", str(cache), f"--older-than={days}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--older-than must be a number of days >= 0" in err
+    assert block.is_file()
+
+
+def test_cache_options_that_do_not_apply_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["cache", "ls", "--dir", str(tmp_path), "--older-than", "1"]) == 2
+    assert "--older-than applies to `kvmem cache clear` only" in capsys.readouterr().err
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    assert main(["cache", "clear", "--dir", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a cache folder" in err
+    assert a_file.is_file()

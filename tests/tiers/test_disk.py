@@ -4,6 +4,7 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from kvmem.tiers.disk import DiskTier
@@ -98,3 +99,12 @@ def test_size_cap_deletes_least_recently_used(tmp_path: Path) -> None:
     assert remaining == {keys[0].hex(), keys[3].hex(), keys[4].hex()}
     assert disk.stats.evicted == 2
     assert disk.clear() == 3 and disk.files() == []
+
+
+def test_clear_refuses_a_negative_or_nan_age(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path)
+    disk.put(bytes(16), _tensors(0))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="older_than_s must be >= 0"):
+            disk.clear(bad)
+    assert len(disk.files()) == 1

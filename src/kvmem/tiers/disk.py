@@ -133,7 +133,10 @@ class DiskTier:
 
     def clear(self, older_than_s: float | None = None) -> int:
         """Delete block files (only those unused for ``older_than_s`` if given) and stale temporary
-        files; files deleted."""
+        files; files deleted. A negative or NaN ``older_than_s`` raises ``ValueError`` (it would
+        delete every file)."""
+        if older_than_s is not None and not older_than_s >= 0:
+            raise ValueError(f"older_than_s must be >= 0 seconds or None, got {older_than_s}")
         now, deleted = time.time(), 0
         for f in self.files():
             if older_than_s is None or now - f.last_used > older_than_s:
