@@ -194,3 +194,21 @@ def test_serve_help_explains_the_server() -> None:
     assert proc.returncode == 0
     for option in ("--api-key", "--isolate-tenants", "--max-waiting", "--drain-timeout", "--disk-cache"):
         assert option in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--disk-cache-max", "abc"], "invalid disk cache size (disk_cache_max / --disk-cache-max) 'abc'"),
+        (["--kv-budget", "99999999999999999999GiB"], "larger than any machine could hold"),
+        (["--compress-after-prompt", "lots", "--policy", "snapkv"], "invalid prompt peak"),
+    ],
+)
+def test_a_bad_size_names_its_option(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvmem.cli import main
+
+    assert main(["generate", "--prompt", "hi", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
