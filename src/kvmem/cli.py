@@ -15,6 +15,7 @@ from kvmem.bench import cli as bench_cli
 from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
+from kvmem.model.device import resolve_device
 from kvmem.model.dtype import CHOICES as DTYPE_CHOICES
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
 from kvmem.server import cli as serve_cli
@@ -198,6 +199,8 @@ def _validate(args: argparse.Namespace) -> None:
             redis_cache=getattr(args, "redis_cache", None),
             redis_ttl_s=getattr(args, "redis_ttl", DEFAULT_TTL_S),
         )
+    if hasattr(args, "device"):
+        resolve_device(args.device)  # raises UnsupportedDeviceError
     for name in ("max_new_tokens", "block_size", "prefill_chunk"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

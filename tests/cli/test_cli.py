@@ -47,6 +47,7 @@ def assert_usage_error(proc: subprocess.CompletedProcess[str], message: str) -> 
         (["generate", "--prompt", "hi", "--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["info", "--model", "/no/such/model.gguf"], "unknown model"),
         (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["generate", "--prompt", "hi", "--device", "banana"], "unknown device 'banana'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
@@ -212,3 +213,16 @@ def test_a_bad_size_names_its_option(
     assert main(["generate", "--prompt", "hi", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_a_gpu_this_machine_lacks_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from kvmem.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--prompt", "hi", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device 'cuda' is not available" in err

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvmem.errors import ModelNotFoundError
+from kvmem.model.device import resolve_device
 from kvmem.model.dtype import resolve_dtype
 from kvmem.model.identity import model_identity
 from kvmem.model.registry import EMBEDDED, EmbeddedModel, embedded_names
@@ -59,13 +60,15 @@ def load_model(
     in ``dtype`` (a torch dtype, ``"float32"``, ``"bfloat16"`` or ``"auto"``: see ``kvmem.model.dtype``)
     on ``device``.
 
-    Raises ``ModelNotFoundError`` (listing the embedded names) for anything else.
+    Raises ``ModelNotFoundError`` (listing the embedded names) for anything else, and
+    ``UnsupportedDeviceError`` for a device this machine does not have.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     folder = resolve_model_folder(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    model.to(torch.device(device))  # type: ignore[arg-type]
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return LoadedModel(
