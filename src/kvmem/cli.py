@@ -208,8 +208,11 @@ def _validate(args: argparse.Namespace) -> None:
     if getattr(args, "temperature", 0.0) < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     prompt_file = getattr(args, "prompt_file", None)
-    if prompt_file is not None and str(prompt_file) != "-" and not prompt_file.is_file():
-        raise UsageError(f"prompt file not found: {prompt_file}")
+    if prompt_file is not None and str(prompt_file) != "-":
+        if prompt_file.is_dir():
+            raise UsageError(f"prompt file {prompt_file} is a directory, not a file")
+        if not prompt_file.is_file():
+            raise UsageError(f"prompt file not found: {prompt_file}")
     model = getattr(args, "model", None)
     if model is not None and model not in EMBEDDED and not Path(model).expanduser().exists():
         raise UsageError(
@@ -253,10 +256,7 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.prompt_file is not None:
-        prompt = sys.stdin.read() if str(args.prompt_file) == "-" else args.prompt_file.read_text()
-    else:
-        prompt = args.prompt
+    prompt = args.prompt if args.prompt_file is None else _read_prompt(args.prompt_file)
     llm = _make_llm(args)
     sampling = (args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
     if args.json:
@@ -277,6 +277,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(event, end="", flush=True)
     return 0
+
+
+def _read_prompt(path: Path) -> str:
+    """The prompt file's text (``-``: stdin), UTF-8; raises ``UsageError`` naming it if it is not."""
+    stdin = str(path) == "-"
+    try:
+        return sys.stdin.read() if stdin else path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        where = "stdin" if stdin else f"prompt file {path}"
+        raise UsageError(
+            f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def describe(result: object) -> str:

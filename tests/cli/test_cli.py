@@ -226,3 +226,20 @@ def test_a_gpu_this_machine_lacks_exits_2(
     assert main(["generate", "--prompt", "hi", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "device 'cuda' is not available" in err
+
+
+def test_a_prompt_file_that_is_a_directory_or_not_text(
+    tiny_folder: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvmem.cli import main
+
+    assert main(["generate", "--prompt-file", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prompt file {tmp_path} is a directory" in err
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"ok \xff\xfe")
+    assert (
+        main(["generate", "--prompt-file", str(binary), "--model", tiny_folder]) == 2
+    )  # read before loading
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prompt file {binary} is not UTF-8 text (byte 0xff at offset 3)" in err
