@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from kvmem.engine.llm import LLM
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE: `kvmem cache ls | head`
 
 
 class UsageError(KVMemError):
@@ -178,12 +180,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _validate(args)
         _quiet_transformers()
-        return int(COMMANDS[args.command](args))
+        code = int(COMMANDS[args.command](args))
+        sys.stdout.flush()  # a reader that left shows up here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly
+        _detach_stdout()
+        return EXIT_BROKEN_PIPE
     except (KVMemError, ValueError, OSError) as exc:
         print(f"kvmem: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is buffered for a closed
+    pipe does not print a BrokenPipeError of its own."""
+    with contextlib.suppress(OSError, ValueError):  # stdout without a file descriptor (tests)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _validate(args: argparse.Namespace) -> None:

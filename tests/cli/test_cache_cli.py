@@ -97,3 +97,19 @@ def test_cache_options_that_do_not_apply_are_refused(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a file, not a cache folder" in err
     assert a_file.is_file()
+
+
+def test_ls_into_a_reader_that_leaves_stops_quietly(tmp_path: Path) -> None:
+    for i in range(3000):  # ~250 KB of lines: more than a pipe buffers
+        name = f"{i:032x}"
+        (tmp_path / name[:2]).mkdir(exist_ok=True)
+        (tmp_path / name[:2] / f"{name}.kvblock").write_bytes(b"")
+    cmd = [sys.executable, "-m", "kvmem.cli", "cache", "ls", "--dir", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().endswith("ago\n")  # `| head -n 1`
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 141  # as if killed by SIGPIPE, like ls | head
+    assert err == ""
