@@ -211,9 +211,10 @@ class Engine:
             seq.check_policy(new)
             return
         need = seq.bytes_to_grow(new)
-        for cap, what in ((share, "the request's own KV budget"), (self.pool.budget, "the pool")):
+        tokens = f"the request ({seq.num_pending + new} tokens: prompt and new)"
+        for cap, what in ((share, f"{tokens}, within its own share,"), (self.pool.budget, tokens)):
             if cap is not None and need > cap:
-                raise KVBudgetError(need, cap, cap, what=f"{seq.num_pending + new} tokens ({what})")
+                raise KVBudgetError(need, cap, cap, what=what)
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is; every block it held goes back to the pool."""
