@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -12,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmem import console
 from kvmem.bench import cli as bench_cli
 from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
@@ -177,6 +177,7 @@ def _sampling_args(p: argparse.ArgumentParser, default_new_tokens: int = 128) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.log_to_stderr()
     try:
         _validate(args)
         _quiet_transformers()
@@ -184,20 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that left shows up here, not at the interpreter's exit
         return code
     except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly
-        _detach_stdout()
+        console.detach_stdout()
         return EXIT_BROKEN_PIPE
     except (KVMemError, ValueError, OSError) as exc:
         print(f"kvmem: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-
-
-def _detach_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's last flush of what is buffered for a closed
-    pipe does not print a BrokenPipeError of its own."""
-    with contextlib.suppress(OSError, ValueError):  # stdout without a file descriptor (tests)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -207,7 +201,7 @@ def _validate(args: argparse.Namespace) -> None:
             kv_budget=args.kv_budget,
             policy=args.policy,
             prefix_cache=getattr(args, "prefix_cache", False),
-            disk_cache=getattr(args, "disk_cache", None),
+            disk_cache=_disk_cache(args),
             disk_cache_max=getattr(args, "disk_cache_max", None),
             dtype=args.dtype,
             redis_cache=getattr(args, "redis_cache", None),
@@ -248,9 +242,6 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
     """The LLM the options describe; ``engine``: more ``LLM`` arguments (``serve``'s)."""
     from kvmem.engine.llm import LLM
 
-    disk = getattr(args, "disk_cache", None)
-    if disk == "default":
-        disk = cache_cli.default_dir()
     return LLM(
         args.model,
         kv_budget=args.kv_budget,
@@ -258,7 +249,7 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
         prefill_chunk=args.prefill_chunk,
         policy=args.policy,
         prefix_cache=getattr(args, "prefix_cache", False),
-        disk_cache=disk,
+        disk_cache=_disk_cache(args),
         disk_cache_max=getattr(args, "disk_cache_max", None),
         dtype=args.dtype,
         device=args.device,
@@ -267,6 +258,12 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
         redis_ttl_s=getattr(args, "redis_ttl", DEFAULT_TTL_S),
         **engine,
     )
+
+
+def _disk_cache(args: argparse.Namespace) -> str | None:
+    """``--disk-cache``'s folder (given bare: the default one), or None."""
+    disk = getattr(args, "disk_cache", None)
+    return str(cache_cli.default_dir()) if disk == "default" else disk
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -113,3 +114,45 @@ def test_ls_into_a_reader_that_leaves_stops_quietly(tmp_path: Path) -> None:
         err = proc.stderr.read()
         assert proc.wait(timeout=300) == 141  # as if killed by SIGPIPE, like ls | head
     assert err == ""
+
+
+def test_a_disk_cache_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "kv"
+    a_file.write_text("keep me")
+    assert main(["generate", "--prompt", "x", "--disk-cache", str(a_file)]) == 2  # before loading
+    err = capsys.readouterr().err
+    assert err == f"kvmem: error: disk cache folder {a_file} is a file, not a folder; give a folder " + (
+        "(disk_cache= / --disk-cache)\n"
+    )
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_disk_cache_that_cannot_be_written_is_warned_about_once(
+    llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvmem.tiers import disk
+
+    def denied(path: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    folder = save_folder(llama, tmp_path / "tiny-llama")
+    capsys.readouterr()  # transformers' own output while saving
+    monkeypatch.setattr(disk, "write_atomic", denied)  # as a read-only folder (the tests run as root)
+    args = [
+        "generate",
+        "--model",
+        str(folder),
+        "--prompt",
+        PROMPT,
+        "--block-size",
+        "4",
+        "--max-new-tokens",
+        "2",
+    ]
+    assert main([*args, "--disk-cache", str(tmp_path / "kv"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["disk_tier"]["write_errors"] > 1
+    assert err.splitlines() == [
+        f"kvmem: warning: disk cache {tmp_path / 'kv'} cannot be written ([Errno 13] Permission denied): "
+        "its blocks will be recomputed, not reused"
+    ]

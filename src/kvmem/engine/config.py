@@ -12,6 +12,7 @@ from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.dtype import resolve_dtype
 from kvmem.model.registry import DEFAULT_MODEL
 from kvmem.prefix.cache import PrefixSharingError, can_share
+from kvmem.tiers.disk import check_folder
 from kvmem.tiers.redis import DEFAULT_TTL_S, check_url
 
 # how budget errors name the sizes other than the KV budget: the Python argument and the CLI option
@@ -84,6 +85,8 @@ class EngineConfig:
                 "prompt once it has run"
             )
         parse_budget(self.disk_cache_max, DISK_CACHE_MAX)  # raises InvalidBudgetError
+        if self.disk_cache is not None:
+            check_folder(self.disk_cache)  # raises DiskFolderError for a file
         if self.redis_cache is not None:
             check_url(self.redis_cache)  # raises InvalidRedisURLError
         if self.redis_ttl_s is not None and self.redis_ttl_s <= 0:
