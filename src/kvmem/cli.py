@@ -281,7 +281,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     from kvmem.engine.result import GenerationResult
 
-    for event in llm.stream(prompt, *sampling):
+    # a bar through a long prefill (more than two chunks), on a terminal's stderr only
+    for event in llm.stream(prompt, *sampling, on_prefill=console.PrefillBar(2 * args.prefill_chunk)):
         if isinstance(event, GenerationResult):
             print(file=sys.stdout, flush=True)
             print(describe(event), file=sys.stderr)
@@ -332,6 +333,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"kvmem chat with {args.model} — /quit to leave, /reset to start over", file=sys.stderr)
     path = None if args.session is None else session_path(args.session)
     session = _open_session(llm, args.system, path, args.session)
+    bar = console.PrefillBar(2 * args.prefill_chunk)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -349,7 +351,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         print("assistant> " if interactive else "", end="", flush=True)
         try:
-            for event in session.stream(message, args.max_new_tokens, **sampling):
+            for event in session.stream(message, args.max_new_tokens, bar, **sampling):
                 if isinstance(event, GenerationResult):
                     print(flush=True)
                     print(describe(event) + f" pool: {format_bytes(llm.pool.bytes_used)}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """What the ``kvmem`` command writes besides its results: kvmem's log records as one
-``kvmem: warning: …`` line each on stderr, and a quiet end when the reader of stdout leaves."""
+``kvmem: warning: …`` line each on stderr, a progress bar through a long prefill (on a terminal),
+and a quiet end when the reader of stdout leaves."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import contextlib
 import logging
 import os
 import sys
+from typing import TextIO
+
+from tqdm import tqdm
 
 
 class _StderrLines(logging.Handler):
@@ -31,3 +35,24 @@ def detach_stdout() -> None:
     pipe does not print a BrokenPipeError of its own."""
     with contextlib.suppress(OSError, ValueError):  # stdout without a file descriptor (tests)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class PrefillBar:
+    """An ``on_prefill`` callback (``LLM.stream``, ``ChatSession.stream``): a bar on stderr through
+    a prefill of more than ``min_tokens`` tokens, shown only on a terminal and gone once it is done."""
+
+    def __init__(self, min_tokens: int, stream: TextIO | None = None) -> None:
+        self.min_tokens = min_tokens
+        self.stream = stream
+        self._bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            stream = self.stream or sys.stderr
+            if total <= self.min_tokens or done >= total or not stream.isatty():
+                return
+            self._bar = tqdm(total=total, desc="prefill", unit="tok", leave=False, file=stream)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self._bar.close()
+            self._bar = None

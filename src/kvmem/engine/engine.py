@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 
 import torch
@@ -350,11 +350,17 @@ class Engine:
             request.matcher.text, list(request.generated), request.finish_reason or "length", stats
         )
 
-    def run_until_done(self, request_ids: Seq[str]) -> Iterator[RequestOutput]:
-        """Step until every one of ``request_ids`` has finished; yield their outputs as they come."""
+    def run_until_done(
+        self, request_ids: Seq[str], after_step: Callable[[], None] | None = None
+    ) -> Iterator[RequestOutput]:
+        """Step until every one of ``request_ids`` has finished; yield their outputs as they come.
+        ``after_step``: called after every step (a prefill shows its progress with it)."""
         wanted = set(request_ids)
         while wanted:
-            for output in self.step():
+            outputs = self.step()
+            if after_step is not None:
+                after_step()
+            for output in outputs:
                 if output.request_id in wanted:
                     yield output
                     if output.finished:
