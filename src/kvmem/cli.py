@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmem import console
 from kvmem.bench import cli as bench_cli
 from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
 from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
+from kvmem.model.device import resolve_device
 from kvmem.model.dtype import CHOICES as DTYPE_CHOICES
 from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
 from kvmem.server import cli as serve_cli
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from kvmem.engine.llm import LLM
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE: `kvmem cache ls | head`
 
 
 class UsageError(KVMemError):
@@ -182,10 +185,16 @@ def _sampling_args(p: argparse.ArgumentParser, default_new_tokens: int = 128) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.log_to_stderr()
     try:
         _validate(args)
         _quiet_transformers()
-        return int(COMMANDS[args.command](args))
+        code = int(COMMANDS[args.command](args))
+        sys.stdout.flush()  # a reader that left shows up here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # the reader of stdout left (`| head`): stop quietly
+        console.detach_stdout()
+        return EXIT_BROKEN_PIPE
     except (KVMemError, ValueError, OSError) as exc:
         print(f"kvmem: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -200,12 +209,14 @@ def _validate(args: argparse.Namespace) -> None:
             kv_budget=args.kv_budget,
             policy=args.policy,
             prefix_cache=getattr(args, "prefix_cache", False),
-            disk_cache=getattr(args, "disk_cache", None),
+            disk_cache=_disk_cache(args),
             disk_cache_max=getattr(args, "disk_cache_max", None),
             dtype=args.dtype,
             redis_cache=getattr(args, "redis_cache", None),
             redis_ttl_s=getattr(args, "redis_ttl", DEFAULT_TTL_S),
         )
+    if hasattr(args, "device"):
+        resolve_device(args.device)  # raises UnsupportedDeviceError
     for name in ("max_new_tokens", "block_size", "prefill_chunk"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -213,8 +224,11 @@ def _validate(args: argparse.Namespace) -> None:
     if getattr(args, "temperature", 0.0) < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     prompt_file = getattr(args, "prompt_file", None)
-    if prompt_file is not None and str(prompt_file) != "-" and not prompt_file.is_file():
-        raise UsageError(f"prompt file not found: {prompt_file}")
+    if prompt_file is not None and str(prompt_file) != "-":
+        if prompt_file.is_dir():
+            raise UsageError(f"prompt file {prompt_file} is a directory, not a file")
+        if not prompt_file.is_file():
+            raise UsageError(f"prompt file not found: {prompt_file}")
     model = getattr(args, "model", None)
     if model is not None and model not in EMBEDDED and not Path(model).expanduser().exists():
         raise UsageError(
@@ -236,9 +250,6 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
     """The LLM the options describe; ``engine``: more ``LLM`` arguments (``serve``'s)."""
     from kvmem.engine.llm import LLM
 
-    disk = getattr(args, "disk_cache", None)
-    if disk == "default":
-        disk = cache_cli.default_dir()
     return LLM(
         args.model,
         kv_budget=args.kv_budget,
@@ -246,7 +257,7 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
         prefill_chunk=args.prefill_chunk,
         policy=args.policy,
         prefix_cache=getattr(args, "prefix_cache", False),
-        disk_cache=disk,
+        disk_cache=_disk_cache(args),
         disk_cache_max=getattr(args, "disk_cache_max", None),
         dtype=args.dtype,
         device=args.device,
@@ -258,11 +269,14 @@ def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyp
     )
 
 
+def _disk_cache(args: argparse.Namespace) -> str | None:
+    """``--disk-cache``'s folder (given bare: the default one), or None."""
+    disk = getattr(args, "disk_cache", None)
+    return str(cache_cli.default_dir()) if disk == "default" else disk
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.prompt_file is not None:
-        prompt = sys.stdin.read() if str(args.prompt_file) == "-" else args.prompt_file.read_text()
-    else:
-        prompt = args.prompt
+    prompt = args.prompt if args.prompt_file is None else _read_prompt(args.prompt_file)
     llm = _make_llm(args)
     sampling = (args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
     if args.json:
@@ -276,13 +290,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     from kvmem.engine.result import GenerationResult
 
-    for event in llm.stream(prompt, *sampling):
+    # a bar through a long prefill (more than two chunks), on a terminal's stderr only
+    for event in llm.stream(prompt, *sampling, on_prefill=console.PrefillBar(2 * args.prefill_chunk)):
         if isinstance(event, GenerationResult):
             print(file=sys.stdout, flush=True)
             print(describe(event), file=sys.stderr)
         else:
             print(event, end="", flush=True)
     return 0
+
+
+def _read_prompt(path: Path) -> str:
+    """The prompt file's text (``-``: stdin), UTF-8; raises ``UsageError`` naming it if it is not."""
+    stdin = str(path) == "-"
+    try:
+        return sys.stdin.read() if stdin else path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        where = "stdin" if stdin else f"prompt file {path}"
+        raise UsageError(
+            f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def describe(result: object) -> str:
@@ -315,6 +342,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(f"kvmem chat with {args.model} — /quit to leave, /reset to start over", file=sys.stderr)
     path = None if args.session is None else session_path(args.session)
     session = _open_session(llm, args.system, path, args.session)
+    bar = console.PrefillBar(2 * args.prefill_chunk)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -332,7 +360,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         print("assistant> " if interactive else "", end="", flush=True)
         try:
-            for event in session.stream(message, args.max_new_tokens, **sampling):
+            for event in session.stream(message, args.max_new_tokens, bar, **sampling):
                 if isinstance(event, GenerationResult):
                     print(flush=True)
                     print(describe(event) + f" pool: {format_bytes(llm.pool.bytes_used)}", file=sys.stderr)

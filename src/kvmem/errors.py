@@ -27,7 +27,8 @@ class KVBudgetError(KVMemError):
         super().__init__(
             f"KV budget exceeded: {what} needs {format_bytes(needed)} of KV cache but only "
             f"{format_bytes(available)} of the {format_bytes(budget) if budget is not None else 'unlimited'} "
-            "budget is free; raise --kv-budget, shorten the prompt or lower --max-new-tokens"
+            "budget is free; raise the KV budget (kv_budget= / --kv-budget), shorten the prompt or lower "
+            "max_new_tokens (--max-new-tokens)"
         )
 
 

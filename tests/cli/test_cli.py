@@ -47,6 +47,7 @@ def assert_usage_error(proc: subprocess.CompletedProcess[str], message: str) -> 
         (["generate", "--prompt", "hi", "--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["info", "--model", "/no/such/model.gguf"], "unknown model"),
         (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["generate", "--prompt", "hi", "--device", "banana"], "unknown device 'banana'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
@@ -194,3 +195,51 @@ def test_serve_help_explains_the_server() -> None:
     assert proc.returncode == 0
     for option in ("--api-key", "--isolate-tenants", "--max-waiting", "--drain-timeout", "--disk-cache"):
         assert option in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--disk-cache-max", "abc"], "invalid disk cache size (disk_cache_max / --disk-cache-max) 'abc'"),
+        (["--kv-budget", "99999999999999999999GiB"], "larger than any machine could hold"),
+        (["--compress-after-prompt", "lots", "--policy", "snapkv"], "invalid prompt peak"),
+    ],
+)
+def test_a_bad_size_names_its_option(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvmem.cli import main
+
+    assert main(["generate", "--prompt", "hi", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_gpu_this_machine_lacks_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from kvmem.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--prompt", "hi", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device 'cuda' is not available" in err
+
+
+def test_a_prompt_file_that_is_a_directory_or_not_text(
+    tiny_folder: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvmem.cli import main
+
+    assert main(["generate", "--prompt-file", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prompt file {tmp_path} is a directory" in err
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"ok \xff\xfe")
+    assert (
+        main(["generate", "--prompt-file", str(binary), "--model", tiny_folder]) == 2
+    )  # read before loading
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prompt file {binary} is not UTF-8 text (byte 0xff at offset 3)" in err

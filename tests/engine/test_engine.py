@@ -81,8 +81,14 @@ def test_full_reservations_never_preempt(llama: LoadedModel) -> None:
 
 def test_a_request_that_could_never_fit_is_refused_up_front(llama: LoadedModel) -> None:
     engine = Engine(llama, EngineConfig("tiny", 8 * 1024, block_size=BS))
-    with pytest.raises(KVBudgetError, match="KV budget exceeded"):
+    with pytest.raises(
+        KVBudgetError, match=r"KV budget exceeded: the request \(\d+ tokens: prompt and new\) needs"
+    ):
         engine.add_request(list(range(3, 200)), max_new_tokens=8)
+    with pytest.raises(
+        KVBudgetError, match=r"the request \(12 tokens: prompt and new\), within its own share, needs"
+    ):
+        engine.add_request(list(range(3, 12)), max_new_tokens=4, kv_budget=1024)
     assert not engine.has_unfinished and engine.pool.bytes_used == 0
 
 

@@ -120,3 +120,19 @@ def test_bad_arguments(llama: LoadedModel) -> None:
         llm.generate(PROMPT, temperature=-1)
     with pytest.raises(ValueError):
         llm.generate(PROMPT, top_p=0)
+
+
+def test_on_prefill_reports_each_chunk_until_the_prompt_is_in(llama: LoadedModel) -> None:
+    llm = LLM(llama, block_size=4, prefill_chunk=8)
+    calls: list[tuple[int, int]] = []
+    prompt = list(range(3, 60))  # 57 tokens: 8 chunks
+    events = list(
+        llm.stream(prompt, max_new_tokens=5, on_prefill=lambda done, total: calls.append((done, total)))
+    )
+    assert calls == [(min(8 * i, 57), 57) for i in range(1, 9)]  # then silent while decoding
+    assert len(events) > 1
+    session = llm.chat()
+    turn: list[tuple[int, int]] = []
+    session.send("hello", max_new_tokens=4)
+    list(session.stream("again, please", 2, lambda done, total: turn.append((done, total))))
+    assert turn and turn[-1][0] == turn[-1][1] == turn[0][1]  # the turn's new tokens only

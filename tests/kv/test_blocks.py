@@ -46,6 +46,9 @@ def test_budget_error_changes_nothing_and_pool_stays_usable() -> None:
         m.allocate(100)
     assert err.value.needed == 100 and err.value.available == 50 and err.value.budget == 250
     assert "needs 100 B" in str(err.value) and "50 B" in str(err.value)
+    # fits the Python API and the CLI alike
+    assert "raise the KV budget (kv_budget= / --kv-budget)" in str(err.value)
+    assert "lower max_new_tokens (--max-new-tokens)" in str(err.value)
     assert (m.bytes_used, m.num_blocks) == (200, 2)
     m.check_integrity()
     assert m.allocate(50) >= 0  # still usable, up to exactly the budget

@@ -30,3 +30,14 @@ def test_parse_budget(text: str | int | None, expected: int | None) -> None:
 def test_bad_budgets_raise_typed_error(bad: object) -> None:
     with pytest.raises(InvalidBudgetError, match="invalid KV budget"):
         parse_budget(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("huge", ["99999999999999999999GiB", "9" * 400, 2**63])
+def test_a_budget_no_machine_could_hold_is_refused(huge: int | str) -> None:
+    with pytest.raises(InvalidBudgetError, match="larger than any machine could hold"):
+        parse_budget(huge)
+
+
+def test_the_message_names_the_size_at_fault() -> None:
+    with pytest.raises(InvalidBudgetError, match=r"^invalid disk cache size 'abc'"):
+        parse_budget("abc", what="disk cache size")

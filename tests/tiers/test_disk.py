@@ -1,12 +1,16 @@
 """The disk tier's files: exact round trips, corruption detected and removed, atomic writes, the cap."""
 
+import errno
 import os
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
-from kvmem.tiers.disk import DiskTier
+from kvmem.engine.config import EngineConfig
+from kvmem.tiers import disk as disk_module
+from kvmem.tiers.disk import DiskFolderError, DiskTier
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -98,3 +102,54 @@ def test_size_cap_deletes_least_recently_used(tmp_path: Path) -> None:
     assert remaining == {keys[0].hex(), keys[3].hex(), keys[4].hex()}
     assert disk.stats.evicted == 2
     assert disk.clear() == 3 and disk.files() == []
+
+
+def test_clear_refuses_a_negative_or_nan_age(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path)
+    disk.put(bytes(16), _tensors(0))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="older_than_s must be >= 0"):
+            disk.clear(bad)
+    assert len(disk.files()) == 1
+
+
+def test_a_file_given_as_the_folder_is_refused(tmp_path: Path) -> None:
+    a_file = tmp_path / "kv"
+    a_file.write_text("")
+    with pytest.raises(DiskFolderError, match=f"disk cache folder {a_file} is a file, not a folder"):
+        DiskTier(a_file)
+    with pytest.raises(DiskFolderError, match=f"cannot be made: {a_file} is a file"):
+        DiskTier(a_file / "below")
+    with pytest.raises(DiskFolderError, match="is a file"):
+        EngineConfig(disk_cache=str(a_file))  # before any model loads
+    assert a_file.read_text() == ""
+
+
+def fail_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block write fails as on a read-only folder (root, who runs the tests, may write anywhere)."""
+
+    def denied(path: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(disk_module, "write_atomic", denied)
+
+
+def test_a_folder_that_cannot_be_written_is_warned_about_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    disk = DiskTier(tmp_path)
+    fail_writes(monkeypatch)
+    for i in range(3):
+        with pytest.raises(OSError) as failed:
+            disk.put(bytes([i]) * 16, _tensors(i))
+        disk.write_failed(failed.value)
+    assert disk.stats.write_errors == 3 and disk.failing
+    warned = [r for r in caplog.records if r.name == "kvmem.tiers"]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    assert warned[0].getMessage() == (
+        f"disk cache {tmp_path} cannot be written ([Errno 13] Permission denied): its blocks will be "
+        "recomputed, not reused"
+    )
+    monkeypatch.undo()
+    disk.put(bytes(16), _tensors(0))
+    assert not disk.failing  # writes go through again

@@ -142,3 +142,18 @@ def test_maxmemory_eviction_is_left_to_redis(tmp_path: Path) -> None:
     assert 0 < len(kept) < 60 and kept[-1] == 59  # the newest stay, the oldest went
     for i in kept:
         assert torch.equal(found[i][0]["layer.0"], torch.full((100_000,), i, dtype=torch.uint8))  # type: ignore[index]
+
+
+def test_an_unreachable_server_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tier = RedisTier(f"redis://:secret@127.0.0.1:{port}/0", timeout_s=0.5, retry_after_s=0)
+    for i in range(3):
+        assert tier.get(key(i)) is None
+        assert tier.put(key(i), block(i)) == 0
+    assert tier.stats.errors == 6 and tier.failing
+    warned = [r.getMessage() for r in caplog.records if r.name == "kvmem.tiers"]
+    assert len(warned) == 1
+    assert warned[0].startswith(f"Redis cache redis://:***@127.0.0.1:{port}/0 cannot be reached (")
+    assert "refused" in warned[0] and "secret" not in warned[0]

@@ -3,6 +3,7 @@ process and in new ones), and a clear typed error for every file that must not l
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from kvmem import (
     load_chat,
 )
 from kvmem.model.loader import LoadedModel
+from kvmem.model.spec import ModelSpec
 from kvmem.tiers import session as session_file
 from kvmem.tiers.session import read_session, session_path
 from kvmem.tiers.snapshot import snapshot
@@ -253,6 +255,15 @@ def test_a_safetensors_file_that_is_not_a_session(tmp_path: Path, llama: LoadedM
 def test_other_model(saved: Path) -> None:
     other = tiny_llama(seed=1)  # same shape, other weights
     assert_refused(make_llm(other, None, None), saved, SessionMismatchError, "saved with model tiny-llama")
+
+
+def test_other_dtype_is_named_as_such(saved: Path, llama: LoadedModel) -> None:
+    model = copy.deepcopy(llama.model).to(torch.bfloat16)
+    bf16 = LoadedModel(
+        llama.name, model, llama.tokenizer, ModelSpec.from_config(model.config, torch.bfloat16), False
+    )
+    message = "saved with dtype float32, but this LLM runs bfloat16; resume it with --dtype float32"
+    assert_refused(make_llm(bf16, None, None), saved, SessionMismatchError, message)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedTokenizerBase
 
-    from kvmem.engine.llm import LLM
+    from kvmem.engine.llm import LLM, PrefillProgress
 
 PLAIN_STOP = "\nUser:"
 
@@ -42,15 +42,21 @@ class ChatSession:
 
     def send(self, message: str, max_new_tokens: int = 256, **sampling: float | int) -> GenerationResult:
         result = None
-        for event in self.stream(message, max_new_tokens, **sampling):
+        for event in self.stream(message, max_new_tokens, None, **sampling):
             if isinstance(event, GenerationResult):
                 result = event
         assert result is not None
         return result
 
     def stream(
-        self, message: str, max_new_tokens: int = 256, **sampling: float | int
+        self,
+        message: str,
+        max_new_tokens: int = 256,
+        on_prefill: PrefillProgress | None = None,
+        **sampling: float | int,
     ) -> Iterator[str | GenerationResult]:
+        """One turn: its text pieces, then its ``GenerationResult``; ``on_prefill(done, total)``
+        after each prefill step of the turn's new tokens."""
         before = list(self.messages)
         self.messages.append({"role": "user", "content": message})
         full = self.render(self.messages, add_generation_prompt=True)
@@ -69,7 +75,7 @@ class ChatSession:
         stop = () if self.has_template else (PLAIN_STOP,)
         result = None
         try:
-            for event in self.llm.run(self.sequence, max_new_tokens, params, stop):
+            for event in self.llm.run(self.sequence, max_new_tokens, params, stop, on_prefill):
                 if isinstance(event, GenerationResult):
                     result = event
                 yield event

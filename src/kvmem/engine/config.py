@@ -12,7 +12,12 @@ from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.dtype import resolve_dtype
 from kvmem.model.registry import DEFAULT_MODEL
 from kvmem.prefix.cache import PrefixSharingError, can_share
+from kvmem.tiers.disk import check_folder
 from kvmem.tiers.redis import DEFAULT_TTL_S, check_url
+
+# how budget errors name the sizes other than the KV budget: the Python argument and the CLI option
+DISK_CACHE_MAX = "disk cache size (disk_cache_max / --disk-cache-max)"
+PEAK = "prompt peak (compress_after_prompt / --compress-after-prompt)"
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
-        peak = parse_budget(self.compress_after_prompt)  # raises InvalidBudgetError
+        peak = parse_budget(self.compress_after_prompt, PEAK)  # raises InvalidBudgetError
         if self.compress_after_prompt is not None:
             if peak is None:
                 raise InvalidBudgetError("compress_after_prompt needs a peak in bytes, such as 512MiB")
@@ -85,7 +90,9 @@ class EngineConfig:
                 "compress_after_prompt needs an eviction policy (snapkv, h2o, …): it compresses the "
                 "prompt once it has run"
             )
-        parse_budget(self.disk_cache_max)  # raises InvalidBudgetError
+        parse_budget(self.disk_cache_max, DISK_CACHE_MAX)  # raises InvalidBudgetError
+        if self.disk_cache is not None:
+            check_folder(self.disk_cache)  # raises DiskFolderError for a file
         if self.redis_cache is not None:
             check_url(self.redis_cache)  # raises InvalidRedisURLError
         if self.redis_ttl_s is not None and self.redis_ttl_s <= 0:
@@ -119,7 +126,7 @@ class EngineConfig:
 
     @property
     def disk_cache_bytes(self) -> int | None:
-        return parse_budget(self.disk_cache_max)
+        return parse_budget(self.disk_cache_max, DISK_CACHE_MAX)
 
     @property
     def budget(self) -> KVBudget:
@@ -129,5 +136,5 @@ class EngineConfig:
     def pool_budget(self) -> int | None:
         """The pool's hard cap: the prompt peak when compressing after the prompt, else the budget's bytes."""
         if self.compress_after_prompt is not None:
-            return parse_budget(self.compress_after_prompt)
+            return parse_budget(self.compress_after_prompt, PEAK)
         return self.budget.bytes

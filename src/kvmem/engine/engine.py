@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 
 import torch
@@ -211,9 +211,10 @@ class Engine:
             seq.check_policy(new)
             return
         need = seq.bytes_to_grow(new)
-        for cap, what in ((share, "the request's own KV budget"), (self.pool.budget, "the pool")):
+        tokens = f"the request ({seq.num_pending + new} tokens: prompt and new)"
+        for cap, what in ((share, f"{tokens}, within its own share,"), (self.pool.budget, tokens)):
             if cap is not None and need > cap:
-                raise KVBudgetError(need, cap, cap, what=f"{seq.num_pending + new} tokens ({what})")
+                raise KVBudgetError(need, cap, cap, what=what)
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is; every block it held goes back to the pool."""
@@ -349,11 +350,17 @@ class Engine:
             request.matcher.text, list(request.generated), request.finish_reason or "length", stats
         )
 
-    def run_until_done(self, request_ids: Seq[str]) -> Iterator[RequestOutput]:
-        """Step until every one of ``request_ids`` has finished; yield their outputs as they come."""
+    def run_until_done(
+        self, request_ids: Seq[str], after_step: Callable[[], None] | None = None
+    ) -> Iterator[RequestOutput]:
+        """Step until every one of ``request_ids`` has finished; yield their outputs as they come.
+        ``after_step``: called after every step (a prefill shows its progress with it)."""
         wanted = set(request_ids)
         while wanted:
-            for output in self.step():
+            outputs = self.step()
+            if after_step is not None:
+                after_step()
+            for output in outputs:
                 if output.request_id in wanted:
                     yield output
                     if output.finished:

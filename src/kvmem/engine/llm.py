@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from kvmem.compress.policy import Policy
 from kvmem.engine.config import EngineConfig
 from kvmem.engine.engine import Engine
+from kvmem.engine.request import Request
 from kvmem.engine.result import GenerationResult
 from kvmem.engine.sampling import SamplingParams
 from kvmem.engine.sequence import Sequence
@@ -24,6 +25,9 @@ from kvmem.tiers.redis import DEFAULT_TTL_S
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
+
+# called after each prefill step of a request with (prompt tokens computed, prompt tokens to compute)
+PrefillProgress = Callable[[int, int], None]
 
 
 class LLM:
@@ -196,16 +200,23 @@ class LLM:
         seed: int = 0,
         stop: Seq[str] | None = None,
         cache_salt: str | None = None,
+        on_prefill: PrefillProgress | None = None,
     ) -> Iterator[str | GenerationResult]:
-        """Yield text pieces as they are generated, then the ``GenerationResult`` last."""
+        """Yield text pieces as they are generated, then the ``GenerationResult`` last;
+        ``on_prefill(done, total)`` after each prefill step."""
         params = SamplingParams(temperature, top_p, top_k, seed)
         request_id = self.engine.add_request(
             prompt, max_new_tokens, params, stop or (), cache_salt=cache_salt, kv_budget=self._share(1)
         )
-        yield from self._follow(request_id)
+        yield from self._follow(request_id, on_prefill)
 
     def run(
-        self, sequence: Sequence, max_new_tokens: int, params: SamplingParams, stop: Seq[str]
+        self,
+        sequence: Sequence,
+        max_new_tokens: int,
+        params: SamplingParams,
+        stop: Seq[str],
+        on_prefill: PrefillProgress | None = None,
     ) -> Iterator[str | GenerationResult]:
         """Compute the sequence's pending tokens, then decode; yield text pieces and the result.
 
@@ -213,11 +224,14 @@ class LLM:
         ``token_ids`` but not computed, so a turn that follows prefills it with its own tokens.
         """
         request_id = self.engine.add_request(None, max_new_tokens, params, stop, sequence=sequence)
-        yield from self._follow(request_id)
+        yield from self._follow(request_id, on_prefill)
 
-    def _follow(self, request_id: str) -> Iterator[str | GenerationResult]:
+    def _follow(
+        self, request_id: str, on_prefill: PrefillProgress | None = None
+    ) -> Iterator[str | GenerationResult]:
+        watch = None if on_prefill is None else _prefill_watch(self.engine.requests[request_id], on_prefill)
         try:
-            for output in self.engine.run_until_done([request_id]):
+            for output in self.engine.run_until_done([request_id], watch):
                 if output.error is not None:
                     raise output.error
                 if output.text:
@@ -238,6 +252,21 @@ class LLM:
         from kvmem.tiers.session import load_chat
 
         return load_chat(self, path)
+
+
+def _prefill_watch(request: Request, on_prefill: PrefillProgress) -> Callable[[], None]:
+    """Called after each step: ``on_prefill`` with how many of the request's pending tokens are
+    computed (reused prefix blocks count), until its first token is out."""
+    total, done = request.seq.num_pending, 0
+
+    def after_step() -> None:
+        nonlocal done
+        if done < total:
+            ready = request.generated or request.finished
+            done = total if ready else max(done, total - request.seq.num_pending)
+            on_prefill(done, total)
+
+    return after_step
 
 
 def _is_batch(prompt: object) -> bool:

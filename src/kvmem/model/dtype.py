@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kvmem.errors import KVMemError
+from kvmem.model.device import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHOICES = ("auto", *DTYPES)
@@ -51,7 +52,7 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str = "cpu") -
         return name
     key = name.strip().lower()
     if key == "auto":
-        on_cpu = torch.device(device).type == "cpu"
+        on_cpu = resolve_device(device).type == "cpu"  # raises UnsupportedDeviceError
         return torch.bfloat16 if not on_cpu or cpu_has_native_bf16() else torch.float32
     if key not in DTYPES:
         raise UnsupportedDtypeError(f"unknown dtype {name!r}; use one of {', '.join(CHOICES)}")

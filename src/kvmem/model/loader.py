@@ -2,25 +2,30 @@
 
 A GGUF file is converted once (dequantized to float32 by transformers' GGUF loader) into a
 safetensors folder under kvmem's cache folder (``KVMEM_CACHE_DIR``, else ``~/.cache/kvmem``);
-later loads read that folder in seconds. Nothing here touches the network.
+later loads read that folder in seconds. Nothing here touches the network. Progress bars show
+only on a terminal: kvmem's own while it converts, none of transformers' ("Loading weights").
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from kvmem.errors import ModelNotFoundError
+from kvmem.model.device import resolve_device
 from kvmem.model.dtype import resolve_dtype
 from kvmem.model.identity import model_identity
 from kvmem.model.registry import EMBEDDED, EmbeddedModel, embedded_names
@@ -59,15 +64,18 @@ def load_model(
     in ``dtype`` (a torch dtype, ``"float32"``, ``"bfloat16"`` or ``"auto"``: see ``kvmem.model.dtype``)
     on ``device``.
 
-    Raises ``ModelNotFoundError`` (listing the embedded names) for anything else.
+    Raises ``ModelNotFoundError`` (listing the embedded names) for anything else, and
+    ``UnsupportedDeviceError`` for a device this machine does not have.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    folder = resolve_model_folder(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    model.to(torch.device(device))  # type: ignore[arg-type]
+    with _without_transformers_bars():
+        folder = resolve_model_folder(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return LoadedModel(
         name=name_or_path,
         model=model,
@@ -75,6 +83,27 @@ def load_model(
         spec=ModelSpec.from_config(model.config, dtype),
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
     )
+
+
+@contextlib.contextmanager
+def _without_transformers_bars() -> Iterator[None]:
+    """transformers' progress bars off while kvmem loads a model (on every ``LLM(...)`` they said
+    "Loading weights"), back as they were afterwards. Its GGUF reader draws one with tqdm directly,
+    past that switch: it is kept to terminals, as kvmem's own bars are."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+    bar = getattr(gguf_reader, "tqdm", None)  # None if a later transformers draws it otherwise
+    try:
+        if bar is not None:
+            gguf_reader.tqdm = functools.partial(bar, disable=None)
+        yield
+    finally:
+        if bar is not None:
+            gguf_reader.tqdm = bar
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_model_folder(name_or_path: str) -> Path:
@@ -129,7 +158,13 @@ def _convert_embedded(embedded: EmbeddedModel, target: Path) -> None:
         total = sum(p.stat().st_size for p in parts)
         with (
             gguf.open("wb") as out,
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"kvmem: assembling {embedded.name}") as bar,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"kvmem: assembling {embedded.name}",
+                disable=None,
+            ) as bar,
         ):
             for part in parts:
                 with part.open("rb") as src:
@@ -144,7 +179,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        with tqdm(total=3, desc=f"kvmem: converting {gguf.name} (once)", unit="step") as bar:
+        # disable=None: a bar on a terminal only (elsewhere its redraws are escape codes in a log)
+        with tqdm(total=3, desc=f"kvmem: converting {gguf.name} (once)", unit="step", disable=None) as bar:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             bar.update(1)
             model = AutoModelForCausalLM.from_pretrained(

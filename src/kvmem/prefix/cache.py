@@ -284,8 +284,8 @@ class PrefixCache:
                 continue
             try:
                 self.disk.put(key, tensors, meta)
-            except OSError:  # a full or read-only disk costs a later recomputation, never this request
-                self.disk.stats.write_errors += 1
+            except OSError as exc:  # a full or read-only disk costs a later recomputation, never this request
+                self.disk.write_failed(exc)
 
     def clear(self) -> None:
         """Drop every cached block from RAM (the disk tier keeps what was written)."""

@@ -48,6 +48,19 @@ class ServerMetrics:
         )
         self.disk = Gauge("kvmem_disk_tier", "the disk tier's counters since start", ["event"], registry=r)
         self.redis = Gauge("kvmem_redis_tier", "the Redis tier's counters since start", ["event"], registry=r)
+        self.tier_up = Gauge(
+            "kvmem_tier_up",
+            "1 while a tier the server was asked to use takes its writes (disk) or answers (redis), "
+            "0 since its last write or call failed",
+            ["tier"],
+            registry=r,
+        )
+        self.tier_errors = Gauge(
+            "kvmem_tier_errors",
+            "a tier's failed writes (disk) or calls (redis) since start",
+            ["tier"],
+            registry=r,
+        )
         self.ttft = Histogram("kvmem_ttft_seconds", "time to first token", buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram(
             "kvmem_inter_token_latency_seconds", "time between tokens", buckets=ITL_BUCKETS, registry=r
@@ -78,10 +91,14 @@ class ServerMetrics:
         if disk is not None:
             for event in ("hits", "misses", "corrupt", "writes", "write_errors", "evicted"):
                 self.disk.labels(event).set(getattr(disk.stats, event))
+            self.tier_up.labels("disk").set(0 if disk.failing else 1)
+            self.tier_errors.labels("disk").set(disk.stats.write_errors)
         shared = None if prefix is None else prefix.redis
         if shared is not None:
             for event in ("hits", "misses", "corrupt", "writes", "errors", "skipped"):
                 self.redis.labels(event).set(getattr(shared.stats, event))
+            self.tier_up.labels("redis").set(0 if shared.failing else 1)
+            self.tier_errors.labels("redis").set(shared.stats.errors)
 
     def observe_finished(self, stats: GenerationStats, reason: str) -> None:
         self.prompt_tokens.inc(stats.prompt_tokens)

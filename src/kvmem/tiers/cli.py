@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
-from kvmem.errors import format_bytes
+from kvmem.errors import KVMemError, format_bytes
+
+
+class CacheUsageError(KVMemError, ValueError):
+    """A ``kvmem cache`` option that is out of range or does not apply."""
 
 
 def default_dir() -> Path:
@@ -28,7 +33,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     cache.add_argument("--dir", type=Path, default=None, help=f"the cache folder (default {default_dir()})")
     cache.add_argument(
         "--older-than",
-        type=float,
         default=None,
         metavar="DAYS",
         help="clear: only files unused for this many days",
@@ -38,7 +42,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def cmd_cache(args: argparse.Namespace) -> int:
     from kvmem.tiers.disk import DiskTier
 
+    older = older_than_seconds(args.older_than)
+    if older is not None and args.action != "clear":
+        raise CacheUsageError(f"--older-than applies to `kvmem cache clear` only, not {args.action}")
     folder = args.dir if args.dir is not None else default_dir()
+    if folder.exists() and not folder.is_dir():
+        raise CacheUsageError(f"--dir {folder} is a file, not a cache folder")
     if args.dir is not None and not folder.is_dir():
         raise FileNotFoundError(f"no such cache folder: {folder}")
     if not folder.is_dir():  # the default folder, never used yet: nothing to show, nothing created
@@ -60,10 +69,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
             size = sum(p.stat().st_size for p in saved)
             print(f"{sessions}: {len(saved)} saved sessions, {format_bytes(size)}")
         return 0
-    older = None if args.older_than is None else args.older_than * 86400
     deleted = disk.clear(older)
     print(f"deleted {deleted} of {len(files)} block files from {folder}")
     return 0
+
+
+def older_than_seconds(days: str | None) -> float | None:
+    """``--older-than DAYS`` in seconds (None: not given); refuses what is not a number of days >= 0,
+    so a typo never widens ``clear`` to every file."""
+    if days is None:
+        return None
+    try:
+        value = float(days)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise CacheUsageError(f"--older-than must be a number of days >= 0 (such as 7 or 0.5), got {days!r}")
+    return value * 86400
 
 
 def _age(seconds: float) -> str:

@@ -7,11 +7,14 @@ fsynced, then renamed over the target: a reader sees the old file, the new one, 
 half a file, and concurrent writers of one key leave one valid file. A file that is missing,
 truncated, bit-flipped or not ours is a miss: it is counted, removed, and the caller recomputes.
 Over ``max_bytes`` the least recently used files are deleted (a read refreshes a file's time).
+A write that fails (disk full, read-only folder) costs only a later recomputation; the caller
+reports it with ``write_failed``, which counts it and warns once, on the ``kvmem.tiers`` logger.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -20,10 +23,16 @@ from typing import NamedTuple
 
 import torch
 
+from kvmem.errors import KVMemError
 from kvmem.tiers import blockcodec
 from kvmem.tiers.atomic import write_atomic
 
 SUFFIX = ".kvblock"
+log = logging.getLogger("kvmem.tiers")
+
+
+class DiskFolderError(KVMemError, ValueError):
+    """The disk cache folder is a file (or lies under one), or cannot be created."""
 
 
 @dataclass
@@ -47,14 +56,44 @@ class DiskFile(NamedTuple):
     last_used: float  # seconds since the epoch
 
 
+def check_folder(folder: str | Path) -> Path:
+    """``folder`` as a path; raises ``DiskFolderError`` if it, or a folder above it, is a file.
+    Creates nothing."""
+    path = Path(folder).expanduser()
+    for above in (path, *path.parents):
+        if above.exists():
+            if not above.is_dir():
+                what = "is a file, not a folder" if above == path else f"cannot be made: {above} is a file"
+                raise DiskFolderError(
+                    f"disk cache folder {path} {what}; give a folder (disk_cache= / --disk-cache)"
+                )
+            break
+    return path
+
+
 class DiskTier:
     def __init__(self, folder: str | Path, max_bytes: int | None = None) -> None:
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"the disk cache size cap must be positive, got {max_bytes}")
-        self.folder = Path(folder).expanduser()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = check_folder(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DiskFolderError(f"disk cache folder {self.folder} cannot be created: {_why(exc)}") from None
         self.max_bytes = max_bytes
         self.stats = DiskStats()
+        self.failing = False  # the last write failed (a full disk, a read-only folder)
+
+    def write_failed(self, error: OSError) -> None:
+        """Count a block that could not be written; the first one is warned about, once."""
+        self.stats.write_errors += 1
+        if self.stats.write_errors == 1:
+            log.warning(
+                "disk cache %s cannot be written (%s): its blocks will be recomputed, not reused",
+                self.folder,
+                _why(error),
+            )
+        self.failing = True
 
     def path(self, key: bytes) -> Path:
         name = key.hex()
@@ -70,6 +109,7 @@ class DiskTier:
         write_atomic(self.path(key), data, prefix=".tmp-", suffix=SUFFIX, sync_folder=False)
         self.stats.writes += 1
         self.stats.bytes_written += len(data)
+        self.failing = False
         if self.max_bytes is not None:
             self.enforce_cap()
         return len(data)
@@ -133,7 +173,10 @@ class DiskTier:
 
     def clear(self, older_than_s: float | None = None) -> int:
         """Delete block files (only those unused for ``older_than_s`` if given) and stale temporary
-        files; files deleted."""
+        files; files deleted. A negative or NaN ``older_than_s`` raises ``ValueError`` (it would
+        delete every file)."""
+        if older_than_s is not None and not older_than_s >= 0:
+            raise ValueError(f"older_than_s must be >= 0 seconds or None, got {older_than_s}")
         now, deleted = time.time(), 0
         for f in self.files():
             if older_than_s is None or now - f.last_used > older_than_s:
@@ -145,3 +188,8 @@ class DiskTier:
                 if now - tmp.stat().st_mtime > 3600:  # a writer that died mid-write
                     tmp.unlink()
         return deleted
+
+
+def _why(error: OSError) -> str:
+    """An OS error without the temporary file's name: ``[Errno 28] No space left on device``."""
+    return f"[Errno {error.errno}] {error.strerror}" if error.strerror else str(error)

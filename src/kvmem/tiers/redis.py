@@ -8,12 +8,14 @@ go in one pipelined round trip (``get_many``, ``put_many``).
 Redis is a cache here, never a dependency of a request: every call has a socket timeout, and an
 error (refused, timed out, reset, out of memory) makes the call a miss or a dropped write, counted,
 after which the tier stays off for ``retry_after_s`` so a dead server costs one timeout, not one
-per block. A value that does not decode as what was written under its key (truncated, flipped
-byte, another model's block) is a counted miss and is deleted.
+per block. The first failure is warned about, once, on the ``kvmem.tiers`` logger. A value that
+does not decode as what was written under its key (truncated, flipped byte, another model's block)
+is a counted miss and is deleted.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ DEFAULT_TIMEOUT_S = 1.0
 NAMESPACE = "kvmem:block:"
 _BATCH = 32  # blocks per pipelined round trip: bounds one reply's size (32 SmolLM2 bf16 blocks ~ 12 MB)
 
+log = logging.getLogger("kvmem.tiers")
 T = TypeVar("T")
 Found = tuple[dict[str, torch.Tensor], dict[str, str]]
 
@@ -64,6 +67,14 @@ def check_url(url: str) -> str:
     return url
 
 
+def _without_password(url: str) -> str:
+    """``url`` fit for a log line: ``redis://:secret@host/0`` as ``redis://:***@host/0``."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
+
+
 class RedisTier:
     def __init__(
         self,
@@ -92,6 +103,7 @@ class RedisTier:
             raise InvalidRedisURLError(f"not a Redis URL: {url!r} ({exc})") from exc
         self.stats = RedisStats()
         self._down_until = 0.0
+        self.failing = False  # the last call failed (refused, timed out)
 
     def name(self, key: bytes) -> str:
         return self.namespace + key.hex()
@@ -101,8 +113,16 @@ class RedisTier:
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def _failed(self) -> None:
+    def _failed(self, error: Exception) -> None:
         self.stats.errors += 1
+        if self.stats.errors == 1:
+            log.warning(
+                "Redis cache %s cannot be reached (%s): its blocks are misses and its writes dropped "
+                "while it does not answer",
+                _without_password(self.url),
+                error,
+            )
+        self.failing = True
         self._down_until = time.monotonic() + self.retry_after_s
         self.client.connection_pool.disconnect()  # a half-read reply must not poison the next call
 
@@ -184,10 +204,12 @@ class RedisTier:
             self.stats.skipped += 1
             return None
         try:
-            return fn()
-        except (redis_py.RedisError, OSError):
-            self._failed()
+            result = fn()
+        except (redis_py.RedisError, OSError) as exc:
+            self._failed(exc)
             return None
+        self.failing = False
+        return result
 
     def close(self) -> None:
         self.client.close()

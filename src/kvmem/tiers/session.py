@@ -133,6 +133,13 @@ def read_session(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def check_compatible(header: dict[str, Any], llm: LLM, path: Path) -> None:
     """Raise ``SessionMismatchError`` unless the session was made by this model and configuration."""
     made = f"session {path} was saved with"
+    # the identity digests the dtype too: a dtype that differs is said as such, not as another model
+    dtype, saved_dtype = str(llm.spec.dtype).removeprefix("torch."), header.get("dtype")
+    if saved_dtype != dtype:
+        raise SessionMismatchError(
+            f"{made} dtype {saved_dtype}, but this LLM runs {dtype}; resume it with --dtype {saved_dtype} "
+            f"(dtype={saved_dtype!r})"
+        )
     if header.get("identity") != llm.loaded.identity:
         raise SessionMismatchError(
             f"{made} model {header.get('model')} (identity {header.get('identity')}), but this LLM runs "
@@ -150,9 +157,6 @@ def check_compatible(header: dict[str, Any], llm: LLM, path: Path) -> None:
             f"{made} block size {header.get('block_size')}, but this LLM has {llm.pool.block_size}; "
             f"resume it with --block-size {header.get('block_size')}"
         )
-    dtype = str(llm.spec.dtype).removeprefix("torch.")
-    if header.get("dtype") != dtype:
-        raise SessionMismatchError(f"{made} KV dtype {header.get('dtype')}, but this LLM's is {dtype}")
 
 
 def _policy_name(llm: LLM) -> str | None:
