@@ -140,6 +140,50 @@ def test_hostile_bodies_get_a_4xx_in_openai_shape(
     assert loop.in_flight == 0
 
 
+# what a newcomer gets wrong first: each message says what and where, param names the field or is null
+BAD_BODIES: list[tuple[bytes, dict[str, str], str, str | None]] = [
+    (b'{"prompt": "x", "max_tokens": 3,}', {}, "request body is not valid JSON: Expecting", None),
+    (b"{not json", {}, "request body is not valid JSON: Expecting property name", None),
+    (b'{"prompt": "\xff"}', {}, "request body is not valid JSON: 'utf-8' codec can't decode", None),
+    (b'{"prompt": "x"}', {"content-type": "application/x-www-form-urlencoded"}, "request body must", None),
+    (b"[1, 2]", {}, "request body: Input should be a valid dictionary", None),
+    (b'{"model": "tiny"}', {}, "prompt: Field required", "prompt"),
+    (
+        b'{"prompt": "x", "max_tokens": "lots"}',
+        {},
+        "max_tokens: Input should be a valid integer",
+        "max_tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "message", "param"), BAD_BODIES, ids=range(len(BAD_BODIES)))
+def test_bad_bodies_say_what_is_wrong_and_where(
+    server: tuple[TestClient, EngineLoop],
+    body: bytes,
+    headers: dict[str, str],
+    message: str,
+    param: str | None,
+) -> None:
+    client, _ = server
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json", **headers})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith(message), error
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_a_malformed_json_body_says_where_it_breaks(server: tuple[TestClient, EngineLoop]) -> None:
+    client, _ = server
+    r = client.post(
+        "/v1/completions", content=b'{"prompt": "x",,}', headers={"content-type": "application/json"}
+    )
+    assert r.json()["error"]["message"] == (
+        "request body is not valid JSON: Expecting property name enclosed in double quotes: "
+        "line 1 column 16 (char 15)"
+    )
+
+
 def test_a_request_that_could_never_fit_gets_400_with_the_numbers(llama: LoadedModel) -> None:
     with serving(llama, kv_budget="64KiB") as (client, _):
         r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
