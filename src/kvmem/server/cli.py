@@ -30,8 +30,8 @@ def add_parser(
         description="Serve POST /v1/completions and /v1/chat/completions (streamed with server-sent "
         "events or not), GET /v1/models, /health and /metrics (Prometheus) from one engine: every "
         "request shares one KV pool under --kv-budget, batched continuously. SIGTERM or Ctrl-C "
-        "drains: no new requests, running ones finish (up to --drain-timeout), the disk tier is "
-        "flushed, exit 0.",
+        "drains: no new requests, running ones finish (up to --drain-timeout; past it each ends "
+        "with a 503 error, a stream with an error event and [DONE]), the disk tier is flushed, exit 0.",
     )
     common(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -71,7 +71,10 @@ def add_parser(
         "max_tokens (never preempts, fewer at once)",
     )
     serve.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds a shutdown waits for running requests"
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a shutdown waits for running requests (default 30); then they end with an error",
     )
     serve.add_argument(
         "--max-body-size", default="4MiB", help="largest request body accepted (default 4MiB; 413 above)"
@@ -102,6 +105,7 @@ def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
     import uvicorn
 
     from kvmem.server.app import ServeConfig, create_app
+    from kvmem.server.listen import Server
     from kvmem.server.loop import EngineLoop
     from kvmem.server.metrics import ServerMetrics
 
@@ -129,11 +133,14 @@ def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
     # again; with these no-op handlers in place a drained server then exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(
+    # The engine loop cuts what still runs at --drain-timeout; uvicorn's own limit is a backstop
+    # for an engine that never answers (it cancels the handlers).
+    server_config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level="warning",
-        timeout_graceful_shutdown=max(1, int(args.drain_timeout)),
+        timeout_graceful_shutdown=int(args.drain_timeout) + 10,
     )
+    Server(server_config, on_shutdown=lambda: loop.begin_drain(args.drain_timeout)).run()
     return 0

@@ -43,8 +43,11 @@ def error_code(error: BaseException | None) -> str | None:
 
 
 def request_failed(error: BaseException | None) -> APIError:
-    """A request the engine ended without a result: the client's doing (400) or the server's (500)."""
-    if isinstance(error, KVMemError) and not isinstance(error, (QueueFullError, DrainingError)):
+    """A request the engine ended without a result: the client's doing (400), cut by a shutdown
+    (503) or the server's fault (500)."""
+    if isinstance(error, DrainingError):
+        return APIError(503, str(error), "server_error", "draining")
+    if isinstance(error, KVMemError) and not isinstance(error, QueueFullError):
         return APIError(400, str(error), "invalid_request_error", error_code(error))
     return APIError(500, f"the request failed: {error}", "server_error")
 
