@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -102,6 +102,17 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
+    from kvmem.server.listen import bind
+
+    validate(args)
+    sock = bind(args.host, args.port)  # a port in use fails here, before the model loads
+    try:
+        return _serve(args, make_llm, sock)
+    finally:
+        sock.close()
+
+
+def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sock: socket.socket) -> int:
     import uvicorn
 
     from kvmem.server.app import ServeConfig, create_app
@@ -109,7 +120,6 @@ def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
     from kvmem.server.loop import EngineLoop
     from kvmem.server.metrics import ServerMetrics
 
-    validate(args)
     llm = make_llm(args, **engine_options(args))
     config = ServeConfig(
         model_name=args.served_model_name or args.model,
@@ -122,12 +132,10 @@ def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
     loop = EngineLoop(llm.engine, ServerMetrics(), config.max_waiting)
     app = create_app(llm.loaded, loop, config)
     budget = "unlimited" if llm.pool.budget is None else format_bytes(llm.pool.budget)
-    print(
-        f"kvmem serve: {config.model_name} ({str(llm.spec.dtype).removeprefix('torch.')}) on "
+    banner = (
+        f"kvmem serve: {config.model_name} ({str(llm.spec.dtype).removeprefix('torch.')}) listening on "
         f"http://{args.host}:{args.port} | KV budget {budget} | policy {args.policy or 'none'} | "
-        f"prefix cache {'on' if llm.prefix is not None else 'off'}",
-        file=sys.stderr,
-        flush=True,
+        f"prefix cache {'on' if llm.prefix is not None else 'off'}"
     )
     # uvicorn drains on SIGTERM / SIGINT, restores the handlers it found and raises the signal
     # again; with these no-op handlers in place a drained server then exits 0.
@@ -136,11 +144,8 @@ def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
     # The engine loop cuts what still runs at --drain-timeout; uvicorn's own limit is a backstop
     # for an engine that never answers (it cancels the handlers).
     server_config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        timeout_graceful_shutdown=int(args.drain_timeout) + 10,
+        app, log_level="warning", timeout_graceful_shutdown=int(args.drain_timeout) + 10
     )
-    Server(server_config, on_shutdown=lambda: loop.begin_drain(args.drain_timeout)).run()
-    return 0
+    server = Server(server_config, banner, on_shutdown=lambda: loop.begin_drain(args.drain_timeout))
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
