@@ -245,3 +245,7 @@ def test_sigterm_past_the_drain_timeout_ends_each_request_with_an_error(tmp_path
     assert plain_answer.status_code == 503 and plain_answer.json()["error"]["code"] == "draining"
     assert "Traceback" not in log and "CancelledError" not in log, log
     assert "2 running request(s) cut" in log
+    lines = log.splitlines()
+    loading = next(i for i, line in enumerate(lines) if line.startswith("kvmem serve: loading "))
+    listening = next(i for i, line in enumerate(lines) if " listening on http://127.0.0.1:" in line)
+    assert loading < listening

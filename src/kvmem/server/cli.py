@@ -119,8 +119,10 @@ def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sock: socket.
     from kvmem.server.listen import Server
     from kvmem.server.loop import EngineLoop
     from kvmem.server.metrics import ServerMetrics
+    from kvmem.server.progress import loading
 
-    llm = make_llm(args, **engine_options(args))
+    with loading(args.model):
+        llm = make_llm(args, **engine_options(args))
     config = ServeConfig(
         model_name=args.served_model_name or args.model,
         api_keys=tuple(args.api_key),
