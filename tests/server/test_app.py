@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +14,7 @@ from inprocess import metrics, serving
 from kvmem.engine.llm import LLM
 from kvmem.model.loader import LoadedModel
 from kvmem.server.loop import EngineLoop
+from tiny_models import tiny_llama
 
 PROMPT = "The harbour town woke early; fishing boats left before dawn. " * 3  # 183 byte tokens
 
@@ -138,6 +140,80 @@ def test_hostile_bodies_get_a_4xx_in_openai_shape(
     ok = client.post("/v1/completions", json={"prompt": "still here?", "max_tokens": 2})
     assert ok.status_code == 200
     assert loop.in_flight == 0
+
+
+# what a newcomer gets wrong first: each message says what and where, param names the field or is null
+BAD_BODIES: list[tuple[bytes, dict[str, str], str, str | None]] = [
+    (b'{"prompt": "x", "max_tokens": 3,}', {}, "request body is not valid JSON: Expecting", None),
+    (b"{not json", {}, "request body is not valid JSON: Expecting property name", None),
+    (b'{"prompt": "\xff"}', {}, "request body is not valid JSON: 'utf-8' codec can't decode", None),
+    (b'{"prompt": "x"}', {"content-type": "application/x-www-form-urlencoded"}, "request body must", None),
+    (b"[1, 2]", {}, "request body: Input should be a valid dictionary", None),
+    (b'{"model": "tiny"}', {}, "prompt: Field required", "prompt"),
+    (
+        b'{"prompt": "x", "max_tokens": "lots"}',
+        {},
+        "max_tokens: Input should be a valid integer",
+        "max_tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "message", "param"), BAD_BODIES, ids=range(len(BAD_BODIES)))
+def test_bad_bodies_say_what_is_wrong_and_where(
+    server: tuple[TestClient, EngineLoop],
+    body: bytes,
+    headers: dict[str, str],
+    message: str,
+    param: str | None,
+) -> None:
+    client, _ = server
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json", **headers})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith(message), error
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_a_malformed_json_body_says_where_it_breaks(server: tuple[TestClient, EngineLoop]) -> None:
+    client, _ = server
+    r = client.post(
+        "/v1/completions", content=b'{"prompt": "x",,}', headers={"content-type": "application/json"}
+    )
+    assert r.json()["error"]["message"] == (
+        "request body is not valid JSON: Expecting property name enclosed in double quotes: "
+        "line 1 column 16 (char 15)"
+    )
+
+
+def test_requests_running_past_the_drain_timeout_end_with_an_error() -> None:
+    # 4,000 new tokens cannot finish before the drain cuts them; the stream ends with an error, then [DONE]
+    long = tiny_llama(context=4096)
+    with serving(long, kv_budget="4MiB") as (client, loop):
+        body = {"prompt": "a", "max_tokens": 4000, "ignore_eos": True}
+
+        def stream() -> list[str]:
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                return [line for line in r.iter_lines() if line]
+
+        with ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(client.post, "/v1/completions", json=body)
+            streamed = pool.submit(stream)
+            deadline = time.monotonic() + 30
+            while loop.in_flight < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            loop.begin_drain(0.0)
+            answer, events = plain.result(timeout=60), streamed.result(timeout=60)
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "draining"
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error == answer.json()["error"]
+        assert error["message"] == (
+            "the server is shutting down: this request was cut when the drain timeout (0 s) passed"
+        )
+        assert metrics(client)["kvmem_requests_finished_total{reason=abort}"] == 2
+        assert loop.engine.pool.bytes_used == 0
 
 
 def test_a_request_that_could_never_fit_gets_400_with_the_numbers(llama: LoadedModel) -> None:

@@ -208,3 +208,44 @@ def test_sigterm_drains_running_requests_flushes_and_exits_0(tiny_folder: Path, 
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{server.url}/health", timeout=2)
     assert len([p for p in disk.rglob("*") if p.is_file()]) == (100 + 400 - 1) // BLOCK  # every full block
+
+
+def test_sigterm_past_the_drain_timeout_ends_each_request_with_an_error(tmp_path: Path) -> None:
+    # 8,000 new tokens cannot finish within the drain timeout: both requests are cut
+    folder = save_folder(tiny_llama(seed=3, context=8192), tmp_path / "model")
+    args = base_args(folder, "16MiB", "--drain-timeout", "0.5")
+    prompt = list(range(40))
+    with ServerProcess(args, tmp_path / "server.log") as server:
+        server.wait_ready()
+
+        def plain() -> httpx.Response:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                return complete(client, prompt, 8000)
+
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(plain)
+            assert (
+                server.wait_metric("kvmem_requests{state=running}", 1)["kvmem_requests{state=running}"] == 1
+            )
+            body = {"prompt": prompt, "max_tokens": 8000, "ignore_eos": True, "stream": True}
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                with client.stream("POST", "/v1/completions", json=body) as r:
+                    lines = r.iter_lines()
+                    next(line for line in lines if line.startswith("data: {"))
+                    server.proc.send_signal(15)  # SIGTERM while both run
+                    rest = [line for line in lines if line]
+            plain_answer = answer.result(timeout=60)
+        assert server.proc.wait(timeout=60) == 0
+        log = server.log()
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "draining" and error["type"] == "server_error"
+    assert error["message"].startswith("the server is shutting down")
+    assert not any('"finish_reason":"length"' in line for line in rest)
+    assert plain_answer.status_code == 503 and plain_answer.json()["error"]["code"] == "draining"
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert "2 running request(s) cut" in log
+    lines = log.splitlines()
+    loading = next(i for i, line in enumerate(lines) if line.startswith("kvmem serve: loading "))
+    listening = next(i for i, line in enumerate(lines) if " listening on http://127.0.0.1:" in line)
+    assert loading < listening

@@ -29,7 +29,7 @@ from kvmem.engine.sampling import SamplingParams
 from kvmem.errors import KVMemError
 from kvmem.model.loader import LoadedModel
 from kvmem.server import protocol as api
-from kvmem.server.errors import APIError, error_code, error_response
+from kvmem.server.errors import APIError, error_code, error_response, invalid_body
 from kvmem.server.limits import BodyLimit
 from kvmem.server.loop import DrainingError, EngineLoop, Handle, QueueFullError, Submission, refusal_reason
 from kvmem.server.responses import Responder
@@ -78,16 +78,14 @@ def create_app(loaded: LoadedModel, loop: EngineLoop, config: ServeConfig) -> Fa
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.refused.labels("invalid").inc()
-        errors = exc.errors()
-        param = ".".join(str(p) for p in errors[0].get("loc", ())[1:]) if errors else ""
-        message = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in errors)
-        return error_response(
-            400, message[:2000] or "invalid request", "invalid_request_error", None, param or None
-        )
+        invalid = invalid_body(exc.errors(), exc.body)
+        return error_response(400, invalid.message, "invalid_request_error", None, invalid.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            return error_response(400, f"request body is not valid JSON: {exc.__cause__}", kind)
         return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(Exception)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,8 +30,8 @@ def add_parser(
         description="Serve POST /v1/completions and /v1/chat/completions (streamed with server-sent "
         "events or not), GET /v1/models, /health and /metrics (Prometheus) from one engine: every "
         "request shares one KV pool under --kv-budget, batched continuously. SIGTERM or Ctrl-C "
-        "drains: no new requests, running ones finish (up to --drain-timeout), the disk tier is "
-        "flushed, exit 0.",
+        "drains: no new requests, running ones finish (up to --drain-timeout; past it each ends "
+        "with a 503 error, a stream with an error event and [DONE]), the disk tier is flushed, exit 0.",
     )
     common(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -71,7 +71,10 @@ def add_parser(
         "max_tokens (never preempts, fewer at once)",
     )
     serve.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds a shutdown waits for running requests"
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a shutdown waits for running requests (default 30); then they end with an error",
     )
     serve.add_argument(
         "--max-body-size", default="4MiB", help="largest request body accepted (default 4MiB; 413 above)"
@@ -99,14 +102,27 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
+    from kvmem.server.listen import bind
+
+    validate(args)
+    sock = bind(args.host, args.port)  # a port in use fails here, before the model loads
+    try:
+        return _serve(args, make_llm, sock)
+    finally:
+        sock.close()
+
+
+def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sock: socket.socket) -> int:
     import uvicorn
 
     from kvmem.server.app import ServeConfig, create_app
+    from kvmem.server.listen import Server
     from kvmem.server.loop import EngineLoop
     from kvmem.server.metrics import ServerMetrics
+    from kvmem.server.progress import loading
 
-    validate(args)
-    llm = make_llm(args, **engine_options(args))
+    with loading(args.model):
+        llm = make_llm(args, **engine_options(args))
     config = ServeConfig(
         model_name=args.served_model_name or args.model,
         api_keys=tuple(args.api_key),
@@ -118,22 +134,20 @@ def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
     loop = EngineLoop(llm.engine, ServerMetrics(), config.max_waiting)
     app = create_app(llm.loaded, loop, config)
     budget = "unlimited" if llm.pool.budget is None else format_bytes(llm.pool.budget)
-    print(
-        f"kvmem serve: {config.model_name} ({str(llm.spec.dtype).removeprefix('torch.')}) on "
+    banner = (
+        f"kvmem serve: {config.model_name} ({str(llm.spec.dtype).removeprefix('torch.')}) listening on "
         f"http://{args.host}:{args.port} | KV budget {budget} | policy {args.policy or 'none'} | "
-        f"prefix cache {'on' if llm.prefix is not None else 'off'}",
-        file=sys.stderr,
-        flush=True,
+        f"prefix cache {'on' if llm.prefix is not None else 'off'}"
     )
     # uvicorn drains on SIGTERM / SIGINT, restores the handlers it found and raises the signal
     # again; with these no-op handlers in place a drained server then exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        timeout_graceful_shutdown=max(1, int(args.drain_timeout)),
+    # The engine loop cuts what still runs at --drain-timeout; uvicorn's own limit is a backstop
+    # for an engine that never answers (it cancels the handlers).
+    server_config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=int(args.drain_timeout) + 10
     )
-    return 0
+    server = Server(server_config, banner, on_shutdown=lambda: loop.begin_drain(args.drain_timeout))
+    server.run(sockets=[sock])
+    return 0 if server.started else 1

@@ -3,6 +3,10 @@ each of kvmem's errors gets."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
 from fastapi.responses import JSONResponse
 
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError
@@ -39,7 +43,32 @@ def error_code(error: BaseException | None) -> str | None:
 
 
 def request_failed(error: BaseException | None) -> APIError:
-    """A request the engine ended without a result: the client's doing (400) or the server's (500)."""
-    if isinstance(error, KVMemError) and not isinstance(error, (QueueFullError, DrainingError)):
+    """A request the engine ended without a result: the client's doing (400), cut by a shutdown
+    (503) or the server's fault (500)."""
+    if isinstance(error, DrainingError):
+        return APIError(503, str(error), "server_error", "draining")
+    if isinstance(error, KVMemError) and not isinstance(error, QueueFullError):
         return APIError(400, str(error), "invalid_request_error", error_code(error))
     return APIError(500, f"the request failed: {error}", "server_error")
+
+
+class Invalid(NamedTuple):
+    """A body that failed validation, as OpenAI says it: a message and the field at fault."""
+
+    message: str
+    param: str | None
+
+
+def invalid_body(errors: Sequence[Mapping[str, Any]], body: object) -> Invalid:
+    """FastAPI's validation ``errors`` of a request ``body``: every error in the message, the first
+    one's field as ``param`` (None for the body as a whole, or a body that is not JSON)."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":  # FastAPI's loc is ("body", <character offset>)
+        position, reason = first["loc"][-1], first.get("ctx", {}).get("error", "JSON decode error")
+        where = json.JSONDecodeError(reason, body, position) if isinstance(body, str) else reason
+        return Invalid(f"request body is not valid JSON: {where}", None)
+    if isinstance(first.get("input"), bytes):  # FastAPI parses JSON only if the content type says so
+        return Invalid("request body must be a JSON object sent as 'Content-Type: application/json'", None)
+    fields = [".".join(str(p) for p in e.get("loc", ())[1:]) for e in errors]
+    message = "; ".join(f"{field or 'request body'}: {e.get('msg')}" for field, e in zip(fields, errors))
+    return Invalid(message[:2000] or "invalid request", fields[0] if fields and fields[0] else None)

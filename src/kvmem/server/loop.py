@@ -7,7 +7,9 @@ releases the GIL, so the event loop keeps serving while a step runs.
 
 Back-pressure: at most ``max_num_seqs + max_waiting`` requests are in the engine at once; one
 more is refused with ``QueueFullError`` (the server's 429). While draining, every new request
-is refused with ``DrainingError`` (503).
+is refused with ``DrainingError`` (503); a request still running when the drain's deadline passes
+is cut: it ends with a ``DrainingError`` as its last output, so its client gets an error, not a
+dropped connection.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class QueueFullError(KVMemError):
 
 
 class DrainingError(KVMemError):
-    """The server is shutting down and takes no new requests."""
+    """The server is shutting down: it takes no new requests and, past its drain timeout, ends the
+    running ones."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class EngineLoop:
         self._handles: dict[str, Handle] = {}
         self._ids = 0
         self.draining = False
+        self._deadline: float | None = None  # when a drain cuts the requests still running
+        self._drain_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="kvmem-engine", daemon=True)
 
@@ -121,12 +126,28 @@ class EngineLoop:
         """Stop a request and free its blocks (safe from any thread, and for a finished one)."""
         self._post("abort", request_id)
 
-    def drain(self, timeout_s: float) -> None:
-        """Refuse new requests, let the running ones finish for up to ``timeout_s``, abort the
-        rest, write the prefix cache's unsaved blocks to the disk tier and stop the thread."""
+    def begin_drain(self, timeout_s: float) -> None:
+        """Refuse new requests from now on; ``timeout_s`` later the engine thread cuts the running
+        ones (each ends with a ``DrainingError``). A second call keeps the first deadline."""
         with self._lock:
+            if self.draining:
+                return
             self.draining = True
-        deadline = time.monotonic() + timeout_s
+            self._drain_s = timeout_s
+            self._deadline = time.monotonic() + timeout_s
+        if self._in_flight:
+            log.warning(
+                "kvmem serve: shutting down; waiting up to %.3g s for %d running request(s)",
+                timeout_s,
+                self._in_flight,
+            )
+
+    def drain(self, timeout_s: float) -> None:
+        """``begin_drain`` (if not begun), wait until the running requests have finished or been
+        cut, write the prefix cache's unsaved blocks to the disk tier and stop the thread."""
+        self.begin_drain(timeout_s)
+        assert self._deadline is not None
+        deadline = self._deadline + 5.0  # the thread cuts at its deadline, after the step it is in
         while self._in_flight and time.monotonic() < deadline and self._thread.is_alive():
             time.sleep(0.05)
         self._stop.set()
@@ -151,6 +172,8 @@ class EngineLoop:
         while True:
             self._wake.clear()
             self._take_inbox()
+            if self._deadline is not None and self._handles and time.monotonic() >= self._deadline:
+                self._cut_all()
             if engine.has_unfinished:
                 try:
                     outputs = engine.step()
@@ -235,6 +258,18 @@ class EngineLoop:
             self.engine.abort(request_id)
             outputs.append(RequestOutput(request_id, "", [], True, None, error))
         return outputs
+
+    def _cut_all(self) -> None:
+        """The drain's deadline passed: end every running request with a ``DrainingError``."""
+        error = DrainingError(
+            f"the server is shutting down: this request was cut when the drain timeout "
+            f"({self._drain_s:.3g} s) passed"
+        )
+        handles = list(self._handles.values())
+        for handle in handles:
+            self._abort(handle.request_id)
+            self._call(handle.outputs.put_nowait, RequestOutput(handle.request_id, "", [], True, None, error))
+        log.warning("kvmem serve: the drain timeout passed; %d running request(s) cut", len(handles))
 
     def _release(self) -> None:
         with self._lock:
