@@ -19,7 +19,8 @@ QUESTIONS = (
 
 
 def document() -> str:
-    """The shipped demo text (original, CC0)."""
+    """The shipped demo text (original, CC0; ``src/kvmem/data/harbor_town.txt``, about 1k tokens):
+    ``kvmem.demo_document()``, a long prompt for trying budgets and policies."""
     return files("kvmem").joinpath("data/harbor_town.txt").read_text(encoding="utf-8")
 
 
