@@ -1,5 +1,6 @@
 """kvmem: a memory system for LLM inference — the KV cache in a paged pool under a byte budget."""
 
+from kvmem.demo import document as demo_document
 from kvmem.engine.chat import ChatSession
 from kvmem.engine.llm import LLM
 from kvmem.engine.result import GenerationResult, GenerationStats
@@ -38,6 +39,7 @@ __all__ = [
     "PromptTooLongError",
     "SessionMismatchError",
     "SessionNotFoundError",
+    "demo_document",
     "embedded_names",
     "load_chat",
     "load_model",

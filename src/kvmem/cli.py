@@ -74,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})"
     )
+    info.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="the dtype to count KV bytes in, as generate/chat/serve would run it (default auto)",
+    )
+    info.add_argument("--device", default="cpu", help="where the model would run (auto depends on it)")
+    info.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"tokens per KV block, for the bytes of a block (default {DEFAULT_BLOCK_SIZE})",
+    )
 
     sub.add_parser("policies", help="list the compression policies, one line each")
 
@@ -319,7 +332,8 @@ def describe(result: object) -> str:
     assert isinstance(result, GenerationResult)
     s = result.stats
     return (
-        f"[kv: {format_bytes(s.kv_bytes)} held for {s.kv_tokens} tokens ({s.kv_ratio:.0%} of a full cache) | "
+        f"[kv: {format_bytes(s.kv_bytes)} held for {s.kv_tokens} of {s.tokens_seen} tokens "
+        f"({s.kv_ratio:.0%} of a full cache, in whole blocks) | "
         f"prefill {s.tokens_prefilled} tok in {s.prefill_s:.2f}s"
         + (
             f" ({s.tokens_reused} reused, {s.tokens_from_redis} from redis, {s.tokens_from_disk} from disk)"
@@ -393,10 +407,12 @@ def _open_session(llm: LLM, system: str | None, path: Path | None, name: str | N
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from kvmem.model.dtype import explain_dtype, resolve_dtype
     from kvmem.model.loader import load_model
 
-    loaded = load_model(args.model)
-    spec = loaded.spec
+    loaded = load_model(args.model)  # float32 weights: only the shape is read; bytes in the dtype asked
+    spec = dataclasses.replace(loaded.spec, dtype=resolve_dtype(args.dtype, args.device))
+    block = spec.full_cache_bytes(args.block_size, args.block_size)
     full_layers = spec.num_layers - spec.num_sliding_layers
     windows = sorted({w for w in spec.windows if w is not None})
     rows = [
@@ -409,11 +425,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("sliding window", ", ".join(map(str, windows)) if windows else "none"),
         ("attention heads", f"{spec.num_heads} query, {spec.num_kv_heads} KV"),
         ("head dim", str(spec.head_dim)),
-        ("KV dtype", str(spec.dtype).replace("torch.", "")),
+        ("KV dtype", explain_dtype(args.dtype, args.device)),
         (
             "KV bytes per token (full cache)",
             f"{spec.kv_bytes_per_token} ({format_bytes(spec.kv_bytes_per_token)})",
         ),
+        (f"KV bytes per {args.block_size}-token block (all layers)", f"{block} ({format_bytes(block)})"),
         (
             "KV bytes per token past the windows",
             str(spec.kv_bytes_per_token * full_layers // spec.num_layers),

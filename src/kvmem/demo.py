@@ -19,7 +19,8 @@ QUESTIONS = (
 
 
 def document() -> str:
-    """The shipped demo text (original, CC0)."""
+    """The shipped demo text (original, CC0; ``src/kvmem/data/harbor_town.txt``, about 1k tokens):
+    ``kvmem.demo_document()``, a long prompt for trying budgets and policies."""
     return files("kvmem").joinpath("data/harbor_town.txt").read_text(encoding="utf-8")
 
 
@@ -58,8 +59,8 @@ def converse(llm: LLM, doc: str, max_new_tokens: int) -> int:
             print(f"[turn {turn}] Q: {question}")
             print(f"          A: {result.text.strip()}")
             print(
-                f"          KV held {format_bytes(s.kv_bytes)} for {s.kv_tokens} tokens "
-                f"({s.kv_ratio:.0%} of a full cache, {format_bytes(s.kv_bytes_full)}) | "
+                f"          KV held {format_bytes(s.kv_bytes)} for {s.kv_tokens} of {s.tokens_seen} tokens "
+                f"({s.kv_ratio:.0%} of a full cache's {format_bytes(s.kv_bytes_full)}, in whole blocks) | "
                 f"prefilled {s.tokens_prefilled} new tokens in {s.prefill_s:.2f}s (TTFT {s.ttft_s:.2f}s) | "
                 f"{s.new_tokens} tokens at {s.decode_tokens_per_s:.1f} tok/s\n"
             )

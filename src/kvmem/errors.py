@@ -17,18 +17,26 @@ class InvalidBudgetError(KVMemError, ValueError):
 class KVBudgetError(KVMemError):
     """The KV pool cannot hold what a request needs; nothing was allocated for it.
 
-    ``needed`` and ``available`` are in bytes. The pool stays usable after this error.
+    ``needed`` and ``available`` are in bytes. The pool stays usable after this error. ``advice``:
+    what would make it fit, where the default (a request whose every token is held) is untrue.
     """
 
-    def __init__(self, needed: int, available: int, budget: int | None, what: str = "the request") -> None:
+    def __init__(
+        self,
+        needed: int,
+        available: int,
+        budget: int | None,
+        what: str = "the request",
+        advice: str = "raise the KV budget (kv_budget= / --kv-budget), shorten the prompt or lower "
+        "max_new_tokens (--max-new-tokens)",
+    ) -> None:
         self.needed = needed
         self.available = available
         self.budget = budget
         super().__init__(
             f"KV budget exceeded: {what} needs {format_bytes(needed)} of KV cache but only "
             f"{format_bytes(available)} of the {format_bytes(budget) if budget is not None else 'unlimited'} "
-            "budget is free; raise the KV budget (kv_budget= / --kv-budget), shorten the prompt or lower "
-            "max_new_tokens (--max-new-tokens)"
+            f"budget is free; {advice}"
         )
 
 

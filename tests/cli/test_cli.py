@@ -11,7 +11,18 @@ import pytest
 from kvmem.model.loader import LoadedModel
 from tiny_models import save_folder
 
-JSON_KEYS = {"text", "token_ids", "kv_bytes", "kv_tokens", "prefill_s", "ttft_s", "decode_tokens_per_s"}
+JSON_KEYS = {
+    "text",
+    "token_ids",
+    "kv_bytes",
+    "kv_tokens",
+    "tokens_seen",
+    "kv_bytes_full",
+    "kv_ratio",
+    "prefill_s",
+    "ttft_s",
+    "decode_tokens_per_s",
+}
 
 
 def kvmem(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -73,8 +84,8 @@ def test_generate_json(tiny_folder: str) -> None:
     result = json.loads(proc.stdout)
     assert JSON_KEYS <= set(result)
     assert len(result["token_ids"]) == 7
-    assert result["kv_tokens"] == 5 + 6  # prompt bytes + computed new tokens
-    assert result["kv_bytes"] > 0
+    assert result["kv_tokens"] == result["tokens_seen"] == 5 + 6  # prompt bytes + computed new tokens
+    assert 0 < result["kv_bytes"] == result["kv_bytes_full"] and result["kv_ratio"] == 1.0  # whole blocks
 
 
 def test_generate_streams_text_and_stats(tiny_folder: str) -> None:
@@ -89,10 +100,25 @@ def test_chat_reads_turns_and_reports_kv(tiny_folder: str) -> None:
     assert proc.stderr.count("[kv:") == 2
 
 
-def test_info(tiny_folder: str) -> None:
-    proc = kvmem("info", "--model", tiny_folder)
+def info_rows(*args: str) -> dict[str, str]:
+    proc = kvmem("info", *args)
     assert proc.returncode == 0, proc.stderr
-    assert "KV bytes per token (full cache)" in proc.stdout and str(2 * 2 * 2 * 16 * 4) in proc.stdout
+    return dict(line.split("  ", 1) for line in proc.stdout.splitlines())
+
+
+def test_info_counts_bytes_in_the_dtype_that_runs(tiny_folder: str) -> None:
+    from kvmem.model.dtype import resolve_dtype
+
+    rows = {d: info_rows("--model", tiny_folder, "--dtype", d) for d in ("float32", "bfloat16", "auto")}
+    per_token = {d: int(r["KV bytes per token (full cache)"].split()[0]) for d, r in rows.items()}
+    assert per_token["float32"] == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, head dim 16
+    assert per_token["bfloat16"] == per_token["float32"] // 2
+    auto = str(resolve_dtype("auto")).replace("torch.", "")  # bfloat16 on AMX / AVX512-BF16 CPUs
+    assert per_token["auto"] == per_token[auto]
+    assert rows["auto"]["KV dtype"].strip().startswith(f"auto → {auto} on this CPU")
+    assert rows["bfloat16"]["KV dtype"].strip() == "bfloat16 (as asked)"
+    block = rows["float32"]["KV bytes per 64-token block (all layers)"]
+    assert int(block.split()[0]) == 64 * per_token["float32"]
 
 
 def test_help_explains() -> None:

@@ -112,6 +112,22 @@ def test_a_budget_too_small_for_the_summaries_is_refused_up_front(llama: LoadedM
     assert llm.generate(list(range(3, 40)), max_new_tokens=8).stats.new_tokens == 8  # a short one fits
 
 
+def test_a_refused_floor_says_what_helps(llama: LoadedModel) -> None:
+    """The floor is whole blocks a layer, whatever the prompt: the refusal advises what shrinks
+    blocks, not a shorter prompt or fewer new tokens (it did; neither helped)."""
+    budget, prompt = 24 * 1024, list(range(3, 40))
+    for ids, new in ((prompt, 4), (prompt[:10], 1)):  # a shorter prompt, fewer new tokens: refused still
+        with pytest.raises(KVBudgetError, match="offloading") as refused:
+            LLM(llama, block_size=8, kv_budget=budget, policy="offload").generate(ids, max_new_tokens=new)
+        message = str(refused.value)
+        assert "--max-new-tokens" not in message and "shorten the prompt" not in message
+        assert "--block-size" in message and "block format" in message and "--kv-budget" in message
+    smaller = LLM(llama, block_size=4, kv_budget=budget, policy="offload")
+    assert smaller.generate(prompt, max_new_tokens=4).stats.kv_bytes <= budget
+    packed = LLM(llama, block_size=8, kv_budget=budget, policy="offload+rotk4v2+res8")
+    assert packed.generate(prompt, max_new_tokens=4).stats.kv_bytes <= budget
+
+
 def test_offload_combines_with_a_block_format_only_and_needs_a_byte_budget() -> None:
     for spec in ("offload+snapkv", "offload+mixed", "offload+h2o+kivi4"):
         with pytest.raises(UnknownPolicyError, match="block formats only"):

@@ -7,6 +7,7 @@ from kvmem.engine.llm import LLM
 from kvmem.engine.result import GenerationResult
 from kvmem.engine.sampling import SamplingParams
 from kvmem.errors import KVBudgetError, PromptTooLongError
+from kvmem.model.cache import KVMemCache
 from kvmem.model.loader import LoadedModel
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -24,7 +25,7 @@ def test_greedy_matches_transformers_generate(tiny: LoadedModel) -> None:
     assert result.token_ids == hf_greedy(tiny, ids, 40)
     assert result.finish_reason == "length"
     assert result.stats.new_tokens == 40 and result.stats.prompt_tokens == len(ids)
-    assert result.stats.kv_tokens == len(ids) + 39
+    assert result.stats.tokens_seen == len(ids) + 39
     assert llm.pool.bytes_used == 0
     llm.pool.check_integrity()
 
@@ -37,6 +38,44 @@ def test_stats_report_the_bytes_really_held(tiny: LoadedModel) -> None:
     result = events[-1]
     assert isinstance(result, GenerationResult)
     assert result.stats.kv_bytes == sequence.cache.nbytes == llm.pool.physical_nbytes()
+    sequence.release()
+
+
+@pytest.mark.parametrize("words", [1, 3, 20])
+def test_a_full_cache_is_at_most_a_full_cache(tiny: LoadedModel, words: int) -> None:
+    """The ratio compares whole blocks with whole blocks: a 4-token prompt in 64-token blocks is
+    not 16 times a full cache (it was, against a token-exact figure)."""
+    llm = LLM(tiny)  # the default 64-token blocks
+    stats = llm.generate("hi " * words, max_new_tokens=3).stats
+    assert stats.kv_bytes <= stats.kv_bytes_full and stats.kv_ratio <= 1.0
+    if not tiny.spec.num_sliding_layers:  # every layer holds every token: exactly a full cache
+        assert stats.kv_ratio == 1.0 and stats.kv_tokens == stats.tokens_seen
+
+
+def layer_tokens(sequence_cache: KVMemCache) -> int:
+    """Tokens the layers hold, per layer on average, read from their block lists."""
+    layers = sequence_cache.kv_layers
+    return round(sum(sum(p.held for p in layer.parts().values()) for layer in layers) / len(layers))
+
+
+@pytest.mark.parametrize("policy", [None, "streamingllm", "snapkv+mixed"])
+def test_kv_tokens_are_the_tokens_held(tiny: LoadedModel, policy: str | None) -> None:
+    budget = None if policy is None else "12tok"
+    llm = LLM(tiny, block_size=4, policy=policy, kv_budget=budget)
+    sequence = llm.new_sequence()
+    sequence.token_ids = llm.encode(PROMPT)
+    result = list(llm.run(sequence, 10, SamplingParams(), ()))[-1]
+    assert isinstance(result, GenerationResult)
+    stats = result.stats
+    assert stats.tokens_seen == len(sequence.token_ids) - 1  # the last token is not computed yet
+    assert stats.kv_tokens == layer_tokens(sequence.cache)
+    if policy == "streamingllm" or tiny.spec.num_sliding_layers:  # tokens left the cache, or a window
+        assert stats.kv_tokens < stats.tokens_seen
+    elif policy is None:
+        assert stats.kv_tokens == stats.tokens_seen
+    else:  # mixed precision: the demoted tokens are held too, at 2 bits
+        layers = sequence.cache.kv_layers
+        assert stats.kv_tokens > round(sum(layer.held for layer in layers) / len(layers))
     sequence.release()
 
 

@@ -28,6 +28,7 @@ from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache import KVMemCache
 from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers import KVLayer, LayerSpec, UnsupportedLayerError, default_spec
+from kvmem.model.layers.offload import FLOOR_ADVICE
 from kvmem.model.spec import ModelSpec
 
 
@@ -168,7 +169,15 @@ class Policy:
         room = budget - fixed - base
         if room < sum(per_block):  # not even one block per layer
             minimum = fixed + base + sum(per_block)
-            raise KVBudgetError(minimum, budget, budget, what=f"policy {self.name}")
+            raise KVBudgetError(
+                minimum,
+                budget,
+                budget,
+                what=f"policy {self.name}",
+                advice="its least cache is a block a layer plus the sliding-window layers' windows, "
+                "whatever the prompt: raise the KV budget (kv_budget= / --kv-budget), add a block format "
+                "(+kivi4) or use a smaller block_size (--block-size)",
+            )
         unit = room / sum(w * p for w, p in zip(weights, per_block))
         blocks = [max(1, int(w * unit)) for w in weights]
         # every layer keeps at least one block; take what that costs from the largest shares
@@ -212,6 +221,7 @@ class Policy:
                 room * len(full),
                 self.byte_budget(cache),
                 what=f"offloading {total_tokens} tokens (resident blocks, a summary per block, a fetch)",
+                advice=FLOOR_ADVICE,
             )
 
     def max_chunk(self, cache: KVMemCache) -> int | None:

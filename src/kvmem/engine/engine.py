@@ -335,8 +335,8 @@ class Engine:
             tokens_prefilled=request.tokens_prefilled,
             new_tokens=n,
             kv_bytes=seq.cache.nbytes,
-            kv_tokens=seq.num_cached,
-            kv_bytes_full=seq.num_cached * self.loaded.spec.kv_bytes_per_token,
+            kv_tokens=seq.cache.tokens_held,
+            kv_bytes_full=self.loaded.spec.full_cache_bytes(seq.num_cached, self.pool.config.block_size),
             prefill_s=first - started,
             ttft_s=first - request.arrival,
             decode_s=decode_s,
@@ -345,6 +345,7 @@ class Engine:
             tokens_from_disk=0 if state is None or not request.tokens_reused else state.disk_tokens,
             tokens_from_redis=0 if state is None or not request.tokens_reused else state.redis_tokens,
             preemptions=request.preemptions,
+            tokens_seen=seq.num_cached,
         )
         return GenerationResult(
             request.matcher.text, list(request.generated), request.finish_reason or "length", stats

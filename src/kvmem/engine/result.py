@@ -8,14 +8,19 @@ from typing import Any
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """Measurements of one request. Bytes are the pool bytes the sequence held at its end."""
+    """Measurements of one request. Bytes are the pool bytes the sequence held at its end.
+
+    The pool holds tokens in whole blocks, so the full cache it is compared with is counted in
+    whole blocks too (``kv_bytes_full``): a full cache's ``kv_ratio`` is at most 1.0 however short
+    the prompt, where a token-exact figure would put a 4-token prompt in 64-token blocks at 16x.
+    """
 
     prompt_tokens: int  # tokens of this request's input
     tokens_prefilled: int  # tokens the prefill computed (a chat turn computes only its new part)
     new_tokens: int
     kv_bytes: int  # physical bytes of the sequence's KV blocks
-    kv_tokens: int  # tokens of the sequence the cache has seen
-    kv_bytes_full: int  # what a full cache (every layer, every token) would hold
+    kv_tokens: int  # tokens the cache holds, per layer on average (after eviction, sliding windows)
+    kv_bytes_full: int  # a full cache (every layer, every token seen) in whole blocks of the pool's size
     prefill_s: float
     ttft_s: float
     decode_s: float
@@ -24,10 +29,11 @@ class GenerationStats:
     tokens_from_disk: int = 0  # of those, tokens whose blocks were read back from the disk tier
     tokens_from_redis: int = 0  # of those, tokens whose blocks were read back from the Redis tier
     preemptions: int = 0  # times the engine swapped the request out to make room for older ones
+    tokens_seen: int = 0  # tokens of the sequence the cache has seen (computed or adopted)
 
     @property
     def kv_ratio(self) -> float:
-        """Bytes held as a fraction of a full cache (1.0: nothing saved)."""
+        """Bytes held as a fraction of a full cache's, both in whole blocks (1.0: nothing saved)."""
         return self.kv_bytes / self.kv_bytes_full if self.kv_bytes_full else 1.0
 
 

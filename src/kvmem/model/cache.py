@@ -68,6 +68,14 @@ class KVMemCache(Cache):
         return self.get_seq_length()
 
     @property
+    def tokens_held(self) -> int:
+        """Tokens whose keys and values the pool holds, per layer on average (rounded): fewer than
+        ``num_tokens`` once tokens are evicted or leave a sliding window (or an offloading layer's
+        blocks are on disk)."""
+        layers = self.kv_layers
+        return round(sum(layer.tokens_held for layer in layers) / len(layers)) if layers else 0
+
+    @property
     def nbytes(self) -> int:
         """Bytes of pool blocks this sequence holds."""
         return sum(layer.nbytes for layer in self.kv_layers)

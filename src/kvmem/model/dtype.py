@@ -57,3 +57,15 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str = "cpu") -
     if key not in DTYPES:
         raise UnsupportedDtypeError(f"unknown dtype {name!r}; use one of {', '.join(CHOICES)}")
     return DTYPES[key]
+
+
+def explain_dtype(name: str | torch.dtype, device: torch.device | str = "cpu") -> str:
+    """What ``name`` resolves to and why, for people: ``"auto → float32 on this CPU (…)"``."""
+    dtype = str(resolve_dtype(name, device)).replace("torch.", "")
+    if isinstance(name, torch.dtype) or name.strip().lower() != "auto":
+        return f"{dtype} (as asked)"
+    if torch.device(device).type != "cpu":
+        return f"auto → {dtype} on {device}"
+    if cpu_has_native_bf16():
+        return f"auto → {dtype} on this CPU (it computes bfloat16 natively: AMX or AVX512-BF16)"
+    return f"auto → {dtype} on this CPU (no native bfloat16 arithmetic: AMX or AVX512-BF16)"

@@ -39,6 +39,12 @@ class ModelSpec:
         """Bytes of keys and values for one token over all layers, as a full cache holds them."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.element_size
 
+    def full_cache_bytes(self, tokens: int, block_size: int) -> int:
+        """Bytes of a full cache of ``tokens`` tokens (every layer, every token) in whole blocks of
+        ``block_size`` tokens, as kvmem's pool holds it: at most a block's slack a layer above the
+        token-exact ``tokens * kv_bytes_per_token``."""
+        return -(-tokens // block_size) * block_size * self.kv_bytes_per_token
+
     @property
     def num_sliding_layers(self) -> int:
         return sum(w is not None for w in self.windows)

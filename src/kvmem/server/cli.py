@@ -89,7 +89,7 @@ def validate(args: argparse.Namespace) -> None:
         raise ServeUsageError("--max-waiting and --drain-timeout must be >= 0, --reserve-new-tokens >= -1")
     if not 0 < args.port < 65536:
         raise ServeUsageError(f"--port must be in 1..65535, got {args.port}")
-    parse_budget(args.max_body_size)  # raises InvalidBudgetError
+    parse_budget(args.max_body_size, "--max-body-size")  # raises InvalidBudgetError
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
@@ -128,7 +128,7 @@ def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sock: socket.
         api_keys=tuple(args.api_key),
         isolate_tenants=args.isolate_tenants,
         max_waiting=args.max_waiting,
-        max_body_bytes=int(parse_budget(args.max_body_size) or 0),
+        max_body_bytes=int(parse_budget(args.max_body_size, "--max-body-size") or 0),
         drain_timeout_s=args.drain_timeout,
     )
     loop = EngineLoop(llm.engine, ServerMetrics(), config.max_waiting)

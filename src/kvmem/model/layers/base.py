@@ -85,6 +85,12 @@ class KVLayer(CacheLayerMixin, ABC):
         """Tokens held per head (what a layer budget counts)."""
 
     @property
+    def tokens_held(self) -> int:
+        """Tokens whose keys and values the pool holds for this layer, per head, at any precision
+        (``held``, unless a kind keeps tokens besides those its budget counts: mixed precision)."""
+        return self.held
+
+    @property
     @abstractmethod
     def seq_length(self) -> int:
         """Tokens of the sequence this layer has seen."""

@@ -72,6 +72,10 @@ class MixedLayer(KVLayer):
         return self.low.held
 
     @property
+    def tokens_held(self) -> int:
+        return self.high.held + self.low.held
+
+    @property
     def seq_length(self) -> int:
         return self.high.length
 

@@ -30,6 +30,15 @@ from kvmem.model.layers.base import KVLayer
 from kvmem.model.layers.blocks import BlockList
 from kvmem.model.past import Past
 
+# What makes an offloading layer fit: its floor is whole blocks (sinks, recent, the one being
+# filled, one fetched) whatever the context; only the summaries grow with it (1.6% of a block each).
+FLOOR_ADVICE = (
+    "the floor is about 7 blocks a layer whatever the prompt, so a shorter prompt or fewer new tokens "
+    "barely help: raise the KV budget (kv_budget= / --kv-budget), or shrink the blocks with a block "
+    "format (offload+rotk4v2+res8: about a ninth), a smaller block_size (--block-size) or "
+    "dtype bfloat16 (--dtype)"
+)
+
 
 class BlockStore(Protocol):
     """Where an offloading layer puts blocks it no longer keeps in RAM, shared by a sequence's forks."""
@@ -205,6 +214,7 @@ class OffloadLayer(KVLayer):
                 self.room,
                 what=f"offload: layer {self.layer_idx} serving {tokens} tokens (resident blocks, a "
                 "summary per block, a fetch)",
+                advice=FLOOR_ADVICE,
             )
         after = self.blocks.table.plan_append(q, None).blocks_after
         self._shrink(self._capacity(after))
