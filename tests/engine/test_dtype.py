@@ -12,6 +12,7 @@ import torch
 import kvmem
 from kvmem.engine.llm import LLM
 from kvmem.model import kernel
+from kvmem.model.device import UnsupportedDeviceError
 from kvmem.model.dtype import UnsupportedDtypeError, resolve_dtype
 from kvmem.model.loader import LoadedModel
 from kvmem.model.spec import ModelSpec
@@ -58,7 +59,11 @@ def test_quantized_and_evicting_policies_run_in_bfloat16(llama: LoadedModel) -> 
 def test_dtype_names() -> None:
     assert resolve_dtype("float32") is torch.float32 and resolve_dtype("bfloat16") is torch.bfloat16
     assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
-    assert resolve_dtype("auto", "cuda") is torch.bfloat16
+    if torch.cuda.is_available():
+        assert resolve_dtype("auto", "cuda") is torch.bfloat16
+    else:  # auto cannot be judged for a device this machine lacks
+        with pytest.raises(UnsupportedDeviceError, match="not available"):
+            resolve_dtype("auto", "cuda")
     with pytest.raises(UnsupportedDtypeError, match="float16"):
         resolve_dtype("float16")
 

@@ -14,5 +14,5 @@ from kvmem.server.loop import EngineLoop
 
 @pytest.fixture(scope="module")
 def server(llama: LoadedModel) -> Iterator[tuple[TestClient, EngineLoop]]:
-    with serving(llama, kv_budget="1MiB", prefix_cache=True) as pair:
+    with serving(llama, kv_budget="1MiB", prefix_cache=True, prefill_chunk=64) as pair:
         yield pair

@@ -238,7 +238,7 @@ def test_chat_without_a_limit_runs_as_far_as_the_budget_could_hold(llama: Loaded
 
 def test_api_keys_and_tenant_isolation(llama: LoadedModel) -> None:
     serve = {"api_keys": ("key-a", "key-b"), "isolate_tenants": True}
-    with serving(llama, serve, kv_budget="1MiB", prefix_cache=True) as (client, _):
+    with serving(llama, serve, kv_budget="1MiB", prefix_cache=True, prefill_chunk=64) as (client, _):
         body = {"prompt": PROMPT, "max_tokens": 2}
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

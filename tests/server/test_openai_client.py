@@ -28,6 +28,8 @@ def test_openai_client_gets_what_llm_generate_gives(smollm2: LoadedModel, tmp_pa
         "--kv-budget",
         "128MiB",
         "--prefix-cache",
+        "--prefill-chunk",  # a block: the 124-token prompt reuses a block (exact reuse ends on a chunk)
+        "64",
         "--api-key",
         "sk-test",
     ]

@@ -46,6 +46,8 @@ def base_args(folder: Path, budget: str, *more: str) -> list[str]:
         budget,
         "--block-size",
         str(BLOCK),
+        "--prefill-chunk",  # exact reuse ends on a chunk boundary: chunks of a block reuse every block
+        str(BLOCK),
         *more,
     ]
 
