@@ -1,5 +1,7 @@
 """The CLI contract: JSON keys, exit code 2 with one line on stderr for bad input."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmem.cli import main
 from kvmem.model.loader import LoadedModel
 from tiny_models import save_folder
 
@@ -26,6 +29,24 @@ JSON_KEYS = {
 
 
 def kvmem(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``kvmem ARGS`` run by ``kvmem.cli.main`` in this process, its stdin, stdout and stderr
+    swapped for strings: what the command does and prints, without a new interpreter's ~10 s of
+    importing torch and transformers per call. ``kvmem_process`` runs the real command."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        saved, sys.stdin = sys.stdin, io.StringIO(stdin or "")
+        stack.callback(setattr, sys, "stdin", saved)
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own errors and --help
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(["kvmem", *args], code, out.getvalue(), err.getvalue())
+
+
+def kvmem_process(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``kvmem ARGS`` as its own process (the installed entry point's module)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "kvmem.cli", *args],
@@ -129,7 +150,7 @@ def test_help_explains() -> None:
 
 @pytest.mark.real
 def test_generate_json_on_the_default_model() -> None:
-    proc = kvmem("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json")
+    proc = kvmem_process("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert JSON_KEYS <= set(result)
