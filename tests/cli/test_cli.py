@@ -150,7 +150,9 @@ def test_help_explains() -> None:
 
 @pytest.mark.real
 def test_generate_json_on_the_default_model() -> None:
-    proc = kvmem_process("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json")
+    proc = kvmem_process(
+        "generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert JSON_KEYS <= set(result)
