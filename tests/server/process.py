@@ -71,11 +71,14 @@ class ServerProcess:
         return parse_metrics(self.client.get("/metrics").text)
 
     def wait_metric(self, name: str, value: float, seconds: float = 30) -> dict[str, float]:
+        """The metrics once ``name`` reads ``value``; fails the test if it does not within ``seconds``."""
         deadline = time.monotonic() + seconds
         while True:
             m = self.metrics()
-            if m.get(name) == value or time.monotonic() > deadline:
+            if m.get(name) == value:
                 return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} is {m.get(name)} after {seconds} s, not {value}")
             time.sleep(0.1)
 
     def terminate(self, seconds: float = 60) -> int:
