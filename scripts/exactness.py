@@ -8,9 +8,9 @@ Every path is compared with the same prompt run alone (one request, nothing else
   requests' decodes, decode attention padded over several sequences);
 - preempted: the same batch in a pool too small for all of them, with small reservations, so
   the newest requests are swapped to disk and back;
-- reused (exact): the prompt run again after it was cached (the default ``exact_reuse``: the
-  reused prefix ends on a prefill-chunk boundary);
-- reused (whole blocks), with ``--whole-blocks``: the same with ``exact_reuse=False``.
+- with ``--reuse``, reused (exact): the prompt run again after it was cached (the default
+  ``exact_reuse``: the reused prefix ends on a prefill-chunk boundary), and reused (whole
+  blocks): the same with ``exact_reuse=False``.
 
 Prompts are distinct slices of Python's documentation (offline), 96 to 256 tokens, 16 greedy
 tokens each, blocks of 16 tokens, prefill chunks of 64. Prints a table; writes
@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--whole-blocks", action="store_true", help="also run each prompt twice with exact_reuse=False"
+        "--reuse",
+        action="store_true",
+        help="also run each prompt again from the prefix cache, with exact_reuse and without it",
     )
     args = parser.parse_args()
     loaded = load_model(args.model, args.dtype)
@@ -64,13 +66,13 @@ def main() -> None:
     exact = kvmem.LLM(loaded, block_size=BLOCK, prefill_chunk=CHUNK, prefix_cache=True)
     blocks = kvmem.LLM(loaded, block_size=BLOCK, prefill_chunk=CHUNK, prefix_cache=True, exact_reuse=False)
     alone, warm_exact, warm_blocks, reused = [], [], [], {"exact": 0, "blocks": 0}
-    for ids in tqdm(prompts, desc="alone, then reused", unit="prompt"):
+    for ids in tqdm(prompts, desc="alone" + (", then reused" if args.reuse else ""), unit="prompt"):
         cold = exact.generate(ids, max_new_tokens=NEW_TOKENS)  # nothing cached yet: run alone
         alone.append(cold.token_ids)
-        again = exact.generate(ids, max_new_tokens=NEW_TOKENS)
-        warm_exact.append(again.token_ids)
-        reused["exact"] += again.stats.tokens_reused
-        if args.whole_blocks:
+        if args.reuse:
+            again = exact.generate(ids, max_new_tokens=NEW_TOKENS)
+            warm_exact.append(again.token_ids)
+            reused["exact"] += again.stats.tokens_reused
             blocks.generate(ids, max_new_tokens=NEW_TOKENS)
             again = blocks.generate(ids, max_new_tokens=NEW_TOKENS)
             warm_blocks.append(again.token_ids)
@@ -94,12 +96,9 @@ def main() -> None:
     preempted = [r.token_ids for r in tight.generate(prompts, max_new_tokens=NEW_TOKENS)]
     swaps = tight.engine.scheduler.stats.swapped_out
 
-    rows = {
-        "batched": batched,
-        "preempted": preempted,
-        "reused (exact)": warm_exact,
-    }
-    if args.whole_blocks:
+    rows = {"batched": batched, "preempted": preempted}
+    if args.reuse:
+        rows["reused (exact)"] = warm_exact
         rows["reused (whole blocks)"] = warm_blocks
     cpu = "native bfloat16 (AVX512-BF16/AMX)" if cpu_has_native_bf16() else "AVX2 only (bfloat16 emulated)"
     report: dict[str, object] = {
