@@ -241,3 +241,20 @@ def test_a_prompt_shorter_than_one_chunk_reuses_nothing_by_default(llama: Loaded
     llm.generate(list(range(3, 50)), max_new_tokens=2)
     assert llm.generate(list(range(3, 50)), max_new_tokens=2).stats.tokens_reused == 0
     assert llm.generate(list(range(3, 80)), max_new_tokens=2).stats.tokens_reused == 0  # 44 cached, < 64
+
+
+def test_reusable_prefixes_are_checked_at_the_stride_they_are_cut_to() -> None:
+    """A sliding layer's window moves back with the cut: the blocks it needs there must be held.
+    Blocks 16-22 of the sliding layer fell out of its window before it was published (None): 31
+    entries are complete, but cut to a stride of 8 the window would need them; 16 is the most."""
+    from types import SimpleNamespace
+
+    from kvmem.prefix.cache import PrefixCache
+
+    bs, keep = 64, 512
+    sliding = [None if 16 <= j <= 22 else j for j in range(31)]
+    entries = [SimpleNamespace(blocks=[j, sliding[j]]) for j in range(31)]
+    cache = SimpleNamespace(kv_layers=[SimpleNamespace(keep=None), SimpleNamespace(keep=keep)])
+    fake = SimpleNamespace(block_size=bs)
+    assert PrefixCache._reusable(fake, cache, entries) == 31  # type: ignore[arg-type]
+    assert PrefixCache._reusable(fake, cache, entries, step=8) == 16  # type: ignore[arg-type]

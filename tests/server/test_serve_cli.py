@@ -30,12 +30,25 @@ def test_a_port_in_use_exits_2_with_one_line_before_loading_anything(
 
 
 def test_bind_returns_a_socket_not_yet_listening() -> None:
-    with bind("127.0.0.1", 0) as sock:
+    (sock,) = bind("127.0.0.1", 0)
+    with sock:
         port = sock.getsockname()[1]
         with socket.socket() as client, pytest.raises(ConnectionRefusedError):
             client.connect(("127.0.0.1", port))  # refused until uvicorn listens, as before
     with pytest.raises(ListenError, match="check --host"):
         bind("no-such-host.invalid", 8000)
+
+
+def test_a_name_is_bound_on_every_address_it_resolves_to() -> None:
+    """As asyncio binds a host name: ``localhost`` on each of its loopback addresses, so a client of
+    either reaches the server."""
+    addresses = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
+    sockets = bind("localhost", 0)
+    try:
+        assert {sock.getsockname()[0] for sock in sockets} == addresses
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class _Terminal(io.StringIO):

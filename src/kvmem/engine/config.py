@@ -32,11 +32,14 @@ class EngineConfig:
     ``redis_cache``: a Redis URL (``redis://127.0.0.1:6379/0``) whose server every process pointing
     at it shares: the tier after RAM and before disk (turns ``prefix_cache`` on); ``redis_ttl_s``:
     how long a block stays there unread (Redis's own ``maxmemory`` policy evicts before that).
-    ``exact_reuse``: a cached prefix is reused up to a multiple of ``prefill_chunk`` only, so the
-    rest of the prompt is computed in the chunks a cold run computes it in and the output is the
-    cold run's token for token (matrix kernels round differently for different chunk lengths: in
-    bfloat16 on CPUs with AMX that changes greedy tokens). False: every whole cached block is
-    reused (up to ``prefill_chunk - 1`` more tokens per request), tokens may then differ.
+    ``exact_reuse``: a cached prefix is reused up to a multiple of ``prefill_chunk`` (and of
+    ``block_size``) only, so the rest of the prompt is computed in the chunks a cold run that
+    prefilled in whole ``prefill_chunk`` chunks (a request alone, or with room in its steps)
+    computed it in, and the output is that cold run's token for token (matrix kernels round
+    differently for different chunk lengths: in bfloat16 on CPUs with AMX that changes greedy
+    tokens). A prompt no longer than ``prefill_chunk`` reuses nothing; keep ``prefill_chunk`` a
+    multiple of ``block_size``, or reuse points are their least common multiple. False: every whole
+    cached block is reused (up to ``prefill_chunk - 1`` more tokens per request), tokens may differ.
     ``max_num_seqs``: sequences running at once; a policy that evicts or offloads under a byte
     budget gives each request ``budget / max_num_seqs`` unless the request brings its own.
     ``max_batch_tokens``: tokens one forward computes at most (decodes and prefill chunks).

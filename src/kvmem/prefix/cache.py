@@ -134,7 +134,7 @@ class PrefixCache:
             from_tiers, sources = self._read_back(cache, keys[in_ram:], in_ram)
             pinned += [b for e in from_tiers for b in e.block_ids()]  # still hold their load reference
             entries += from_tiers
-            n = self._reusable(cache, entries) // step * step
+            n = self._reusable(cache, entries, step)
             for i, layer in enumerate(cache.kv_layers):
                 if n == 0:
                     break
@@ -217,10 +217,11 @@ class PrefixCache:
             return None
         return blocks
 
-    def _reusable(self, cache: KVMemCache, entries: list[Entry]) -> int:
-        """The most leading entries every layer can be rebuilt from."""
+    def _reusable(self, cache: KVMemCache, entries: list[Entry], step: int = 1) -> int:
+        """The most leading entries, a multiple of ``step``, every layer can be rebuilt from (a
+        sliding layer needs the blocks of its window before that point, which moves with it)."""
         bs = self.block_size
-        for n in range(len(entries), 0, -1):
+        for n in range(len(entries) // step * step, 0, -step):
             complete = True
             for i, layer in enumerate(cache.kv_layers):
                 first = 0 if layer.keep is None else max(0, n * bs - layer.keep) // bs

@@ -105,14 +105,15 @@ def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
     from kvmem.server.listen import bind
 
     validate(args)
-    sock = bind(args.host, args.port)  # a port in use fails here, before the model loads
+    sockets = bind(args.host, args.port)  # a port in use fails here, before the model loads
     try:
-        return _serve(args, make_llm, sock)
+        return _serve(args, make_llm, sockets)
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
 
 
-def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sock: socket.socket) -> int:
+def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sockets: list[socket.socket]) -> int:
     import uvicorn
 
     from kvmem.server.app import ServeConfig, create_app
@@ -149,5 +150,5 @@ def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sock: socket.
         app, log_level="warning", timeout_graceful_shutdown=int(args.drain_timeout) + 10
     )
     server = Server(server_config, banner, on_shutdown=lambda: loop.begin_drain(args.drain_timeout))
-    server.run(sockets=[sock])
+    server.run(sockets=sockets)
     return 0 if server.started else 1

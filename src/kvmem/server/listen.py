@@ -24,15 +24,30 @@ class ListenError(KVMemError):
     """``kvmem serve`` cannot listen where it was told to (a port in use, an address not here)."""
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` as uvicorn binds one (``SO_REUSEADDR``), not listening
-    yet; ``ListenError`` with what to do if it cannot be bound."""
+def bind(host: str, port: int) -> list[socket.socket]:
+    """TCP sockets bound to ``host:port`` as uvicorn binds them (``SO_REUSEADDR``; one per address
+    the name resolves to, as asyncio's own servers: ``localhost`` is 127.0.0.1 and ::1), not
+    listening yet; ``ListenError`` with what to do if one cannot be bound."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ListenError(f"cannot listen on {host!r}: {exc.strerror}; check --host") from None
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, address in found:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sockets.append(_bound(family, kind, proto, address, host, port))
+    except ListenError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bound(family: int, kind: int, proto: int, address: tuple, host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
