@@ -81,7 +81,7 @@ $(VLLM_KVMEM): $(VLLM_STAMP) pyproject.toml
 
 vllm-venv: $(VLLM_KVMEM)
 
-# The connector's tests alone: two vLLM CPU servers sharing a real Redis through kvmem.
+# The connector's tests alone: a real vLLM CPU server on a real Redis through kvmem.
 test-vllm: $(STAMP) $(VLLM_KVMEM)
 	$(BIN)/python -m pytest -q tests/integrations
 # --- end bench peers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,35 @@ VLLM_READY = ROOT / ".venv-vllm" / ".kvmem-installed"  # `make vllm-venv`: vLLM 
 BLOCK = 128  # vLLM's block size on CPU
 
 
+# vLLM's block hashes of whole blocks, as vLLM computes them with the hash the connector requires
+BLOCK_HASHES = """
+import json, sys
+from vllm.utils.hashing import get_hash_fn_by_name
+from vllm.v1.core import kv_cache_utils
+tokens, block = json.load(sys.stdin)
+fn = get_hash_fn_by_name("sha256_cbor")
+kv_cache_utils.init_none_hash(fn)
+parent, found = None, []
+for start in range(0, len(tokens) - block + 1, block):
+    parent = kv_cache_utils.hash_block_tokens(fn, parent, tokens[start : start + block], None)
+    found.append(bytes(parent).hex())
+print(json.dumps(found))
+"""
+
+
+def block_hashes(tokens: list[int]) -> list[str]:
+    """The hex hash of each whole block of ``tokens``, computed by vLLM in a fresh interpreter."""
+    done = subprocess.run(
+        [str(VLLM_PYTHON), "-c", BLOCK_HASHES],
+        input=json.dumps([tokens, BLOCK]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 class VLLMServer:
     """``redis_url``: kvmem's connector on that Redis (None: plain vLLM)."""
 
@@ -33,12 +63,16 @@ class VLLMServer:
         log: Path,
         redis_url: str | None,
         dtype: str,
+        prefix_cache: bool = True,
         **extra: object,
     ) -> None:
+        """``prefix_cache``: vLLM's own prefix cache (off: only the connector can skip computing a prefix)."""
         self.port = port
         options = (
             [*VLLM_OPTIONS, "--kv-transfer-config", transfer_config(redis_url, **extra)] if redis_url else []
         )
+        if not prefix_cache:
+            options.append("--no-enable-prefix-caching")
         command = vllm_serve(VLLM_PYTHON, folder, "m", spec, port, 2**30, dtype, 4, extra=options)
         self.log_path = log
         self._log = open(log, "ab")
