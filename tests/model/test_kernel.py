@@ -55,11 +55,19 @@ def lists(
     ids=["full", "kivi4", "kivi2", "kivi8", "kivi4+res8"],
 )
 @pytest.mark.parametrize("keep", [None, 13], ids=["all", "window"])
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-thread", "every-thread"])
 def test_kernel_matches_the_pytorch_path(
-    fmt: KIVI | None, residual: RotatedTokens | None, keep: int | None
+    fmt: KIVI | None,
+    residual: RotatedTokens | None,
+    keep: int | None,
+    parallel: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if parallel:  # every thread PyTorch has, however little the work (small work runs on one)
+        monkeypatch.setattr(kernel, "PARALLEL_WORK", 1)
     torch.manual_seed(0)
-    blocks = lists(torch.float32, fmt, [0, 3, 8, 29, 70], keep, residual)
+    # 1100 slots: a row cut into several flash-decoding jobs, merged at the end
+    blocks = lists(torch.float32, fmt, [0, 3, 8, 29, 70, 1100], keep, residual)
     b = len(blocks)
     q, nk, nv = torch.randn(b, H * G, D), torch.randn(b, H, D), torch.randn(b, H, D)
     pasts = [x.past(last=keep) for x in blocks]

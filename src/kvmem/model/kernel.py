@@ -39,6 +39,9 @@ SOURCE = Path(__file__).with_name("paged_attention.cpp")
 FLAGS: tuple[str, ...] = ("-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math")
 FLAGS += ("-fopenmp", "-shared", "-fPIC")
 ABI_VERSION = 2
+# Multiply-adds that make a second thread worth waking: a parallel region waits for every thread it
+# starts, and on a busy machine that is a wait for a time slice (milliseconds), not microseconds.
+PARALLEL_WORK = 1 << 17
 _DTYPES = {torch.float32: "kvmem_decode_f32", torch.bfloat16: "kvmem_decode_bf16"}
 _switched_off = False
 
@@ -144,6 +147,8 @@ def decode(
     kivi = (ctypes.c_int * 5)(*geometry)
     q, nk, nv = query.contiguous(), new_keys.contiguous(), new_values.contiguous()
     out = torch.empty_like(q)
+    work = 2 * hq * d * sum(past.count + 1 for past in pasts)  # multiply-adds: logits and values
+    threads = max(1, min(torch.get_num_threads(), work // PARALLEL_WORK))
     fn = getattr(lib, _DTYPES[query.dtype])
     fn(
         b,
@@ -157,7 +162,7 @@ def decode(
         row_table.data_ptr(),
         seg_table.data_ptr(),
         kivi,
-        torch.get_num_threads(),
+        threads,
         out.data_ptr(),
     )
     return out
