@@ -1,4 +1,5 @@
-"""README.md's ```bash and ```python blocks, run as written: a snippet that does not run fails here.
+"""README.md's and docs/*.md's ```bash and ```python blocks, run as written: a snippet that does not
+run fails here; and every relative link in them points at a file (and a heading) that exists.
 
 The convention, visible in the README itself:
 
@@ -10,12 +11,13 @@ The convention, visible in the README itself:
   answers ``/health``, and is stopped with the block;
 - a python block runs alone in a fresh interpreter (so each imports what it uses); one that talks to
   ``127.0.0.1:8000`` runs against the server that the closest ``kvmem serve … --port 8000`` line above
-  it starts.
+  it in the same file starts.
 
-Relative paths in the README are the repository root's (``src/kvmem/data/harbor_town.txt``); files
-the snippets write must not land in the repository or the user's cache, so each block runs in a
-temporary folder where ``src`` links to the repository's, with a temporary kvmem cache folder that
-links the real one's converted ``models`` and compiled ``kernels``.
+Relative paths in a block (README or docs) are the repository root's
+(``src/kvmem/data/harbor_town.txt``); files the snippets write must not land in the repository or
+the user's cache, so each block runs in a temporary folder where ``src`` links to the repository's,
+with a temporary kvmem cache folder that links the real one's converted ``models`` and compiled
+``kernels``.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ from kvmem.model.loader import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]  # every file whose blocks run
 BLOCK_TIMEOUT_S = 600  # a bound against a hang, never the expectation (minutes only on a crowded machine)
 FENCE = re.compile(r"^```(bash|python)\s*$")
 SKIP = re.compile(r"^<!-- readme-test: skip \((?P<why>[^)].*)\) -->$")
 SERVE_8000 = re.compile(r"^kvmem serve\b.*--port 8000\b.*$", re.MULTILINE)
+LINK = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+ISSUE_REF = re.compile(r"\bissues?\s+#?\d+|(?<![\w&/])#\d+\b|\bthe issues\b", re.IGNORECASE)
 
 PRELUDE = r"""set -eo pipefail
 kvmem() {
@@ -60,14 +65,15 @@ curl() { command curl --fail-with-body "$@"; }
 
 
 class Block(NamedTuple):
+    doc: str  # the file, relative to the repository root
     line: int  # of the opening fence, 1-based
     lang: str  # "bash" or "python"
     text: str
     skip: str | None  # why it is not run; None: it runs
 
 
-def readme_blocks(text: str) -> list[Block]:
-    """Every ```bash and ```python block, with the skip marker on the line before its fence."""
+def readme_blocks(text: str, doc: str = "README.md") -> list[Block]:
+    """Every ```bash and ```python block of ``doc``, with the skip marker on the line before its fence."""
     lines = text.splitlines()
     blocks, i = [], 0
     while i < len(lines):
@@ -79,11 +85,10 @@ def readme_blocks(text: str) -> list[Block]:
         before = lines[i - 1].strip() if i else ""
         skip = SKIP.match(before)
         if "readme-test" in before and not skip:
-            raise ValueError(
-                f"README.md:{i}: a readme-test marker must read <!-- readme-test: skip (why) -->"
-            )
+            raise ValueError(f"{doc}:{i}: a readme-test marker must read <!-- readme-test: skip (why) -->")
         blocks.append(
             Block(
+                doc,
                 i + 1,
                 match.group(1),
                 "\n".join(lines[i + 1 : end]) + "\n",
@@ -94,15 +99,67 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
 
 
-def test_every_marker_is_a_skip_with_its_reason() -> None:
-    text = README.read_text(encoding="utf-8")
-    markers = [line for line in text.splitlines() if "readme-test" in line]
+def _prose(text: str) -> str:
+    """``text`` without its fenced blocks and inline code: what a reader sees as links and words."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+BLOCKS = [b for path in DOCS for b in readme_blocks(path.read_text(encoding="utf-8"), _name(path))]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=_name)
+def test_every_marker_is_a_skip_with_its_reason(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    markers = [line for line in _prose(text).splitlines() if "readme-test" in line]  # not in `code`
     assert all(SKIP.match(line.strip()) for line in markers), markers
-    assert len(markers) == sum(b.skip is not None for b in BLOCKS)  # each is right before a block
-    assert sum(b.skip is None for b in BLOCKS) >= 10  # most blocks run
+    skipped = sum(b.skip is not None for b in BLOCKS if b.doc == _name(path))
+    assert len(markers) == skipped  # each is right before a block
+
+
+def test_most_blocks_run() -> None:
+    assert sum(b.skip is None for b in BLOCKS) >= 10
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives ``path``'s headings: lower case, punctuation dropped, spaces to
+    hyphens, a repeated one numbered."""
+    seen: dict[str, int] = {}
+    for line in re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.M | re.S).splitlines():
+        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=_name)
+def test_every_relative_link_exists(path: Path) -> None:
+    broken = []
+    for match in LINK.finditer(_prose(path.read_text(encoding="utf-8"))):
+        target = match.group("target")
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:: not checked here
+            continue
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        if not resolved.exists():
+            broken.append(f"{target}: no {resolved}")
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            broken.append(f"{target}: no heading #{anchor} in {resolved}")
+    assert not broken, f"{path}: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=_name)
+def test_no_issue_numbers(path: Path) -> None:
+    """The docs state what is; a reader cannot open the tracker they were written against."""
+    assert not ISSUE_REF.findall(_prose(path.read_text(encoding="utf-8")))
 
 
 def free_port() -> int:
@@ -132,16 +189,20 @@ def script_for(block: Block, port: int) -> str:
     code = block.text.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
     serve = ""
     if f"127.0.0.1:{port}" in code:
-        above = [b for b in BLOCKS if b.lang == "bash" and b.line < block.line and SERVE_8000.search(b.text)]
+        above = [
+            b
+            for b in BLOCKS
+            if b.doc == block.doc and b.lang == "bash" and b.line < block.line and SERVE_8000.search(b.text)
+        ]
         assert above, (
-            f"README.md:{block.line} talks to 127.0.0.1:8000 but no `kvmem serve --port 8000` precedes it"
+            f"{block.doc}:{block.line} talks to 127.0.0.1:8000 but no `kvmem serve --port 8000` precedes it"
         )
         serve = SERVE_8000.findall(above[-1].text)[-1] + "\n"
     return PRELUDE + serve + f"\"$KVMEM_PY\" - <<'KVMEM_README_PY'\n{code}KVMEM_README_PY\n"
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.lang}-line{b.line}" for b in BLOCKS])
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.doc}-{b.lang}-line{b.line}" for b in BLOCKS])
 def test_readme_block_runs(block: Block, workdir: Path) -> None:
     if block.skip is not None:
         pytest.skip(block.skip)
@@ -154,7 +215,7 @@ def test_readme_block_runs(block: Block, workdir: Path) -> None:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PORT": str(port),
-        "SERVER_LOG": str(workdir / f"serve-{block.line}.log"),
+        "SERVER_LOG": str(workdir / f"serve-{block.doc.replace('/', '-')}-{block.line}.log"),
     }
     env.pop("KVMEM_OFFLOAD_DIR", None)  # offloaded blocks under the temporary cache folder
     proc = subprocess.Popen(
@@ -172,10 +233,10 @@ def test_readme_block_runs(block: Block, workdir: Path) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"README.md:{block.line} ran past {BLOCK_TIMEOUT_S} s\n{out[-2000:]}\n{err[-2000:]}")
+        pytest.fail(f"{block.doc}:{block.line} ran past {BLOCK_TIMEOUT_S} s\n{out[-2000:]}\n{err[-2000:]}")
     finally:
         _stop_group(proc.pid)
-    assert proc.returncode == 0, f"README.md:{block.line} failed\n{out[-3000:]}\n{err[-3000:]}"
+    assert proc.returncode == 0, f"{block.doc}:{block.line} failed\n{out[-3000:]}\n{err[-3000:]}"
 
 
 def _stop_group(pgid: int) -> None:
