@@ -2,6 +2,7 @@
 
 from kvmem.demo import document as demo_document
 from kvmem.engine.chat import ChatSession
+from kvmem.engine.config import EngineConfig
 from kvmem.engine.llm import LLM
 from kvmem.engine.result import GenerationResult, GenerationStats
 from kvmem.errors import (
@@ -26,6 +27,7 @@ __all__ = [
     "LLM",
     "ChatSession",
     "CorruptCacheError",
+    "EngineConfig",
     "GenerationResult",
     "GenerationStats",
     "InvalidBudgetError",

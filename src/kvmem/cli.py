@@ -9,23 +9,33 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvmem import console
 from kvmem.bench import cli as bench_cli
+from kvmem.engine import options
 from kvmem.engine.config import EngineConfig
 from kvmem.errors import KVBudgetError, KVMemError, PromptTooLongError, format_bytes
-from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
 from kvmem.model.device import resolve_device
-from kvmem.model.dtype import CHOICES as DTYPE_CHOICES
-from kvmem.model.registry import DEFAULT_MODEL, EMBEDDED
+from kvmem.model.registry import EMBEDDED
 from kvmem.server import cli as serve_cli
 from kvmem.tiers import cli as cache_cli
-from kvmem.tiers.redis import DEFAULT_TTL_S
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
     from kvmem.engine.llm import LLM
+
+# EngineConfig's fields that generate, chat, demo and serve take as options (kvmem.engine.options)
+MODEL_OPTIONS = (
+    "model",
+    "kv_budget",
+    "policy",
+    "block_size",
+    "prefill_chunk",
+    "compress_after_prompt",
+    "dtype",
+)
+REUSE_OPTIONS = ("prefix_cache", "disk_cache", "disk_cache_max", "exact_reuse", "redis_cache", "redis_ttl_s")
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE: `kvmem cache ls | head`
@@ -70,23 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         "given. The session must be resumed with the same --model, --policy and --block-size",
     )
 
-    info = sub.add_parser("info", help="architecture, KV heads, bytes of KV per token, context length")
-    info.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})"
+    info = sub.add_parser(
+        "info",
+        help="architecture, KV heads, bytes of KV per token, context length",
+        description="What a model is and how many bytes of KV it holds per token and per block, "
+        "counted in the dtype it would run in on --device, as generate/chat/serve would run it.",
     )
-    info.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPE_CHOICES,
-        help="the dtype to count KV bytes in, as generate/chat/serve would run it (default auto)",
-    )
+    options.add_options(info, ("model", "dtype"))
     info.add_argument("--device", default="cpu", help="where the model would run (auto depends on it)")
-    info.add_argument(
-        "--block-size",
-        type=int,
-        default=DEFAULT_BLOCK_SIZE,
-        help=f"tokens per KV block, for the bytes of a block (default {DEFAULT_BLOCK_SIZE})",
-    )
+    options.add_options(info, ("block_size",))
 
     sub.add_parser("policies", help="list the compression policies, one line each")
 
@@ -106,83 +108,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _reuse_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--prefix-cache",
-        action="store_true",
-        help="reuse the KV blocks of leading tokens already computed (no policy or a quantizer alone)",
-    )
-    p.add_argument(
-        "--disk-cache",
-        nargs="?",
-        const="default",
-        default=None,
-        metavar="DIR",
-        help="also keep those blocks on disk so a later run skips their prefill "
-        f"(default folder {cache_cli.default_dir()}; see `kvmem cache`)",
-    )
-    p.add_argument("--disk-cache-max", default=None, metavar="SIZE", help="size cap of the disk cache (2GiB)")
-    p.add_argument(
-        "--reuse-whole-blocks",
-        dest="exact_reuse",
-        action="store_false",
-        help="reuse every whole cached block, not only whole prefill chunks: more tokens reused, "
-        "but the rest is computed in other chunk shapes than a cold run, so in bfloat16 greedy "
-        "tokens may differ from it (default: reused prefixes end on a --prefill-chunk boundary)",
-    )
-    p.add_argument(
-        "--redis-cache",
-        default=None,
-        metavar="URL",
-        help="also keep those blocks in a Redis server that other kvmem processes share "
-        "(redis://127.0.0.1:6379/0): read after RAM, before disk; a slow or dead server is a miss",
-    )
-    p.add_argument(
-        "--redis-ttl",
-        type=float,
-        default=DEFAULT_TTL_S,
-        metavar="SECONDS",
-        help=f"how long a block stays in Redis (default {DEFAULT_TTL_S:.0f} s; "
-        "its maxmemory policy may evict sooner)",
-    )
+    options.add_options(p, REUSE_OPTIONS)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"embedded name, folder or .gguf (default {DEFAULT_MODEL})"
-    )
-    p.add_argument(
-        "--kv-budget",
-        default=None,
-        help="KV cache budget: bytes (64MiB, a hard cap), or with --policy also a share (25%%) or tokens "
-        "per layer (512tok); default unlimited",
-    )
-    p.add_argument(
-        "--policy",
-        default=None,
-        help="compression policy that keeps the cache within --kv-budget (see `kvmem policies`); "
-        "default none: a request that does not fit is refused",
-    )
-    p.add_argument(
-        "--block-size",
-        type=int,
-        default=DEFAULT_BLOCK_SIZE,
-        help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE})",
-    )
-    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill forward (default 512)")
-    p.add_argument(
-        "--compress-after-prompt",
-        metavar="PEAK",
-        default=None,
-        help="run each prompt at full size within PEAK bytes of KV (e.g. 512MiB), then compress it once to "
-        "--kv-budget with the whole prompt in view; default: compress chunk by chunk, never above the budget",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=DTYPE_CHOICES,
-        help="weights and KV cache: auto (default: bfloat16 where the CPU computes it natively, AMX or "
-        "AVX512-BF16, or on a GPU; else float32), float32 or bfloat16",
-    )
+    options.add_options(p, MODEL_OPTIONS)
     p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, …")
 
 
@@ -217,17 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _validate(args: argparse.Namespace) -> None:
     """Check what can be checked before a model is loaded."""
-    if hasattr(args, "kv_budget"):
-        EngineConfig(  # validates budget, policy, and whether the policy can share prefixes
-            kv_budget=args.kv_budget,
-            policy=args.policy,
-            prefix_cache=getattr(args, "prefix_cache", False),
-            disk_cache=_disk_cache(args),
-            disk_cache_max=getattr(args, "disk_cache_max", None),
-            dtype=args.dtype,
-            redis_cache=getattr(args, "redis_cache", None),
-            redis_ttl_s=getattr(args, "redis_ttl", DEFAULT_TTL_S),
-        )
+    if args.command == "serve":
+        serve_cli.validate(args)
     if hasattr(args, "device"):
         resolve_device(args.device)  # raises UnsupportedDeviceError
     for name in ("max_new_tokens", "block_size", "prefill_chunk"):
@@ -236,6 +157,8 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if getattr(args, "temperature", 0.0) < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if options.values(args):
+        engine_config(args)  # validates budget, policy, and whether the policy can share prefixes
     prompt_file = getattr(args, "prompt_file", None)
     if prompt_file is not None and str(prompt_file) != "-":
         if prompt_file.is_dir():
@@ -259,33 +182,19 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _make_llm(args: argparse.Namespace, **engine: Any):  # type: ignore[no-untyped-def]
-    """The LLM the options describe; ``engine``: more ``LLM`` arguments (``serve``'s)."""
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The ``EngineConfig`` the command's options describe, by field name (validated)."""
+    changes = options.values(args)
+    if args.command == "serve":
+        changes |= serve_cli.engine_changes(args)
+    return EngineConfig(**changes)
+
+
+def _make_llm(args: argparse.Namespace) -> LLM:
+    """The LLM the options describe."""
     from kvmem.engine.llm import LLM
 
-    return LLM(
-        args.model,
-        kv_budget=args.kv_budget,
-        block_size=args.block_size,
-        prefill_chunk=args.prefill_chunk,
-        policy=args.policy,
-        prefix_cache=getattr(args, "prefix_cache", False),
-        disk_cache=_disk_cache(args),
-        disk_cache_max=getattr(args, "disk_cache_max", None),
-        dtype=args.dtype,
-        device=args.device,
-        compress_after_prompt=getattr(args, "compress_after_prompt", None),
-        redis_cache=getattr(args, "redis_cache", None),
-        redis_ttl_s=getattr(args, "redis_ttl", DEFAULT_TTL_S),
-        exact_reuse=getattr(args, "exact_reuse", True),
-        **engine,
-    )
-
-
-def _disk_cache(args: argparse.Namespace) -> str | None:
-    """``--disk-cache``'s folder (given bare: the default one), or None."""
-    disk = getattr(args, "disk_cache", None)
-    return str(cache_cli.default_dir()) if disk == "default" else disk
+    return LLM(config=engine_config(args), device=args.device)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmem.cli import main
+from kvmem.cli import MODEL_OPTIONS, REUSE_OPTIONS, build_parser, main
 from kvmem.model.loader import LoadedModel
 from tiny_models import save_folder
 
@@ -292,3 +292,39 @@ def test_a_prompt_file_that_is_a_directory_or_not_text(
     )  # read before loading
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"prompt file {binary} is not UTF-8 text (byte 0xff at offset 3)" in err
+
+
+SERVE_OPTIONS = (*MODEL_OPTIONS, *REUSE_OPTIONS, "max_num_seqs", "max_batch_tokens", "reserve_new_tokens")
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["generate", "--prompt", "hi"], (*MODEL_OPTIONS, *REUSE_OPTIONS)),
+        (["chat"], (*MODEL_OPTIONS, *REUSE_OPTIONS)),
+        (["demo"], MODEL_OPTIONS),
+        (["serve"], SERVE_OPTIONS),
+        (["info"], ("model", "dtype", "block_size")),
+        (["bench"], ("model", "block_size")),
+    ],
+)
+def test_engine_options_are_engine_configs_fields_with_their_defaults_and_help(
+    argv: list[str],
+    names: tuple[str, ...],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kvmem.engine import options
+    from kvmem.engine.config import EngineConfig
+    from kvmem.server.cli import SERVE_DEFAULTS
+
+    command_defaults = SERVE_DEFAULTS if argv[0] == "serve" else {}
+    defaults = EngineConfig().replace(**command_defaults)
+    args = build_parser().parse_args(argv)
+    assert options.values(args) == {name: getattr(defaults, name) for name in names}
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per option
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([argv[0], "--help"])
+    help_text = capsys.readouterr().out
+    for name in names:
+        assert options.flag_help(name, getattr(defaults, name)) in help_text, name

@@ -108,20 +108,20 @@ def test_a_prompt_whose_full_size_exceeds_the_peak_is_refused_up_front(llama: Lo
 
 def test_bad_configurations_are_refused(llama: LoadedModel) -> None:
     with pytest.raises(InvalidBudgetError, match="below the KV budget"):
-        EngineConfig("tiny", "64KiB", policy="snapkv", compress_after_prompt="32KiB")
+        EngineConfig(model="tiny", kv_budget="64KiB", policy="snapkv", compress_after_prompt="32KiB")
     with pytest.raises(InvalidBudgetError, match="eviction policy"):
-        EngineConfig("tiny", "64KiB", policy="kivi4", compress_after_prompt="1MiB")
+        EngineConfig(model="tiny", kv_budget="64KiB", policy="kivi4", compress_after_prompt="1MiB")
     with pytest.raises(InvalidBudgetError, match="eviction policy"):
-        EngineConfig("tiny", "64KiB", compress_after_prompt="1MiB")
+        EngineConfig(model="tiny", kv_budget="64KiB", compress_after_prompt="1MiB")
     with pytest.raises(InvalidBudgetError):
-        EngineConfig("tiny", "64KiB", policy="snapkv", compress_after_prompt="lots")
+        EngineConfig(model="tiny", kv_budget="64KiB", policy="snapkv", compress_after_prompt="lots")
 
 
 def test_many_requests_each_run_whole_then_keep_their_share(llama: LoadedModel) -> None:
     budget, peak = _bytes(llama, 96), _bytes(llama, 600)
     config = EngineConfig(
-        "tiny",
-        budget,
+        model="tiny",
+        kv_budget=budget,
         policy="h2o",
         block_size=BS,
         prefill_chunk=32,

@@ -54,7 +54,7 @@ def test_sixteen_requests_in_a_pool_for_four_queue_preempt_and_match_alone(llama
     per_request = max(reference.new_sequence().cache.bytes_to_grow(len(p) + 23) for p in batch)
     budget = 4 * per_request  # about four requests at once
     # reserving 4 new tokens ahead admits more than fit to the end: some must be preempted
-    config = EngineConfig("tiny", budget, block_size=BS, reserve_new_tokens=4, max_num_seqs=8)
+    config = EngineConfig(model="tiny", kv_budget=budget, block_size=BS, reserve_new_tokens=4, max_num_seqs=8)
     engine = Engine(llama, config)
     ids = [engine.add_request(p, max_new_tokens=24) for p in batch]
     done = drive(engine, budget)
@@ -72,7 +72,7 @@ def test_full_reservations_never_preempt(llama: LoadedModel) -> None:
     probe = LLM(llama, block_size=BS)
     alone = [probe.generate(p, max_new_tokens=12).token_ids for p in batch]
     budget = 3 * max(probe.new_sequence().cache.bytes_to_grow(len(p) + 11) for p in batch)
-    engine = Engine(llama, EngineConfig("tiny", budget, block_size=BS))
+    engine = Engine(llama, EngineConfig(model="tiny", kv_budget=budget, block_size=BS))
     ids = [engine.add_request(p, max_new_tokens=12) for p in batch]
     done = drive(engine, budget)
     assert [done[i].result.token_ids for i in ids] == alone  # type: ignore[union-attr]
@@ -80,7 +80,7 @@ def test_full_reservations_never_preempt(llama: LoadedModel) -> None:
 
 
 def test_a_request_that_could_never_fit_is_refused_up_front(llama: LoadedModel) -> None:
-    engine = Engine(llama, EngineConfig("tiny", 8 * 1024, block_size=BS))
+    engine = Engine(llama, EngineConfig(model="tiny", kv_budget=8 * 1024, block_size=BS))
     with pytest.raises(
         KVBudgetError, match=r"KV budget exceeded: the request \(\d+ tokens: prompt and new\) needs"
     ):
@@ -97,7 +97,9 @@ def test_abort_at_any_point_returns_every_block(llama: LoadedModel, where: str) 
     batch = prompts(6, seed=3)
     probe = LLM(llama, block_size=BS)
     budget = 2 * max(probe.new_sequence().cache.bytes_to_grow(len(p) + 40) for p in batch)
-    config = EngineConfig("tiny", budget, block_size=BS, prefill_chunk=8, reserve_new_tokens=0)
+    config = EngineConfig(
+        model="tiny", kv_budget=budget, block_size=BS, prefill_chunk=8, reserve_new_tokens=0
+    )
     engine = Engine(llama, config)
     ids = [engine.add_request(p, max_new_tokens=40) for p in batch]
     want = {
@@ -129,7 +131,9 @@ def test_abort_at_any_point_returns_every_block(llama: LoadedModel, where: str) 
 
 def test_each_sequence_keeps_within_its_share(llama: LoadedModel) -> None:
     budget = 64 * 1024
-    engine = Engine(llama, EngineConfig("tiny", budget, policy="h2o", block_size=BS, max_num_seqs=2))
+    engine = Engine(
+        llama, EngineConfig(model="tiny", kv_budget=budget, policy="h2o", block_size=BS, max_num_seqs=2)
+    )
     ids = [engine.add_request(list(range(3, 250)), max_new_tokens=40) for _ in range(2)]
     share = budget // 2
     for _ in range(200):
@@ -152,7 +156,7 @@ def test_each_sequence_keeps_within_its_share(llama: LoadedModel) -> None:
 
 
 def test_each_request_has_its_own_policy_salt_and_sampling(llama: LoadedModel) -> None:
-    engine = Engine(llama, EngineConfig("tiny", None, block_size=BS))
+    engine = Engine(llama, EngineConfig(model="tiny", block_size=BS))
     ids = [
         engine.add_request(list(range(3, 40)), max_new_tokens=20, policy="kivi4"),
         engine.add_request(list(range(3, 40)), max_new_tokens=20, policy=None),
@@ -170,7 +174,7 @@ def test_each_request_has_its_own_policy_salt_and_sampling(llama: LoadedModel) -
 def test_the_engine_runs_on_the_model_s_device(llama: LoadedModel) -> None:
     device = torch.device("cpu")  # CI has no GPU; the same code path takes the model's device
     llama.model.to(device)
-    engine = Engine(llama, EngineConfig("tiny", None, block_size=BS, policy="snapkv+kivi4"))
+    engine = Engine(llama, EngineConfig(model="tiny", block_size=BS, policy="snapkv+kivi4"))
     rid = engine.add_request(list(range(3, 90)), max_new_tokens=8, kv_budget=32 * 1024)
     done = drive(engine)
     assert done[rid].result is not None and len(done[rid].result.token_ids) == 8
@@ -179,7 +183,7 @@ def test_the_engine_runs_on_the_model_s_device(llama: LoadedModel) -> None:
 def test_policy_none_means_the_full_cache_on_an_engine_with_a_policy(llama: LoadedModel) -> None:
     """A request's ``policy=None`` (the server's ``kv_policy: "none"``) runs without compression,
     even where the engine has a policy of its own."""
-    engine = Engine(llama, EngineConfig("tiny", None, policy="kivi4", block_size=BS))
+    engine = Engine(llama, EngineConfig(model="tiny", policy="kivi4", block_size=BS))
     plain = engine.add_request(list(range(3, 40)), max_new_tokens=8, policy=None)
     default = engine.add_request(list(range(3, 40)), max_new_tokens=8)
     assert engine.requests[plain].seq.policy is None

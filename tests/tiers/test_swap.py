@@ -81,7 +81,7 @@ def test_a_request_whose_swap_file_is_lost_is_recomputed(llama: LoadedModel) -> 
     prompts = [list(range(3 + i, 60 + i)) for i in range(6)]
     probe = LLM(llama, block_size=4)
     budget = 2 * probe.new_sequence().cache.bytes_to_grow(60 + 40)
-    engine = Engine(llama, EngineConfig("tiny", budget, block_size=4, reserve_new_tokens=0))
+    engine = Engine(llama, EngineConfig(model="tiny", kv_budget=budget, block_size=4, reserve_new_tokens=0))
     ids = [engine.add_request(p, max_new_tokens=40) for p in prompts]
     done = {}
     for _ in range(2000):

@@ -9,6 +9,7 @@ from kvmem.bench.config import MODES, BenchConfig, is_kvpress, split_method, sui
 from kvmem.bench.registry import TASKS
 from kvmem.compress.budget import KVBudget
 from kvmem.compress.registry import make_policy
+from kvmem.engine import options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="quick (default, a few minutes on 2 cores) or full (14 methods incl. peers: about 20 min for "
         "SmolLM2 on 2 cores, about 32 min for Gemma 3 at 3k tokens)",
     )
-    bench.add_argument("--model", default="smollm2-135m", help="embedded name, folder or .gguf")
+    options.add_options(bench, ("model",))  # EngineConfig's, as every command spells it
     bench.add_argument(
         "--methods",
         help="comma-separated: full, hf (transformers' generate), hf-quanto4 / hf-quanto2 (its "
@@ -44,12 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--speed-lengths", help="context lengths for the decode-speed plot, e.g. 512,1024 (0: skip it)"
     )
     bench.add_argument("--seed", type=int, help="seed of the first context (default 0)")
-    bench.add_argument(
-        "--block-size",
-        type=int,
-        help="tokens per KV block for kvmem's methods (default 64): a block format's last, partly "
-        "filled block stays at full precision, so a smaller block holds fewer full-precision tokens",
-    )
+    options.add_options(bench, ("block_size",))  # for kvmem's methods
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument(
@@ -87,9 +83,10 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
             why = f"--speed-lengths: token counts like 512,1024, got {args.speed_lengths!r}"
             raise ValueError(why) from None
         changes["speed_lengths"] = lengths
-    for name in ("length", "contexts", "mode", "seed", "block_size"):
+    for name in ("length", "contexts", "mode", "seed"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    changes |= options.values(args, ("block_size",))  # the same default as BenchConfig's
     return config.replace(**changes)
 
 

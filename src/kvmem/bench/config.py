@@ -9,6 +9,8 @@ from typing import Literal
 
 from kvmem.bench.kvpress_worker import PRESSES as KVPRESS_PRESSES
 from kvmem.bench.registry import TASKS, UnknownTaskError
+from kvmem.kv.pool import DEFAULT_BLOCK_SIZE
+from kvmem.model.registry import DEFAULT_MODEL
 
 Mode = Literal["single", "multiturn", "multirequest"]
 MODES: tuple[Mode, ...] = ("single", "multiturn", "multirequest")
@@ -59,7 +61,7 @@ class BenchConfig:
     all of its task's questions. ``speed_lengths``: contexts at which decode speed is measured.
     """
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     methods: tuple[str, ...] = (FULL, HF, "streamingllm", "snapkv", "kivi4", "snapkv+kivi4")
     budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
     tasks: tuple[str, ...] = ("passkey", "multikey", "realtext")
@@ -69,7 +71,7 @@ class BenchConfig:
     speed_lengths: tuple[int, ...] = (256, 1024)
     speed_tokens: int = 16
     seed: int = 0
-    block_size: int = 64
+    block_size: int = DEFAULT_BLOCK_SIZE  # EngineConfig's
     prefill_chunk: int = 512
 
     def __post_init__(self) -> None:

@@ -118,9 +118,9 @@ def kvmem_throughput(
 ) -> Throughput:
     """Every prompt added at once to one engine over a pool of ``budget`` bytes, run to the end."""
     config = EngineConfig(
-        loaded.name,
-        budget,
-        policy,
+        model=loaded.name,
+        kv_budget=budget,
+        policy=policy,
         max_num_seqs=max_num_seqs,
         max_batch_tokens=max(1024, max_num_seqs),
         reserve_new_tokens=reserve_new_tokens,

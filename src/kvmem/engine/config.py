@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from kvmem.compress.budget import KVBudget
 from kvmem.compress.registry import make_policy
@@ -20,56 +23,89 @@ DISK_CACHE_MAX = "disk cache size (disk_cache_max / --disk-cache-max)"
 PEAK = "prompt peak (compress_after_prompt / --compress-after-prompt)"
 
 
-@dataclass(frozen=True)
+def _option(default: Any, text: str) -> Any:
+    """A field with its help text: the one description of the option, read by ``kvmem.engine.options``
+    for every command line; ``{name}`` stands for another field (a flag there, the name here)."""
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """``kv_budget``: bytes (int), a size string (``"64MiB"``) or None for unlimited.
+    """How an engine runs, by field name only; each field's ``help`` says what it means
+    (``field_help``; the same text is ``kvmem generate --help``'s). ``replace`` makes a changed copy."""
 
-    ``prefill_chunk``: tokens per prefill forward, so a long prompt's activations stay bounded.
-    ``prefix_cache``: keep completed blocks for reuse by later requests with the same leading
-    tokens (they stay in the pool until it needs room); no policy or a quantizer alone.
-    ``disk_cache``: a folder where those blocks are also written, so a later process reuses them
-    (turns ``prefix_cache`` on); ``disk_cache_max``: its size cap (``"2GiB"``; None: no cap).
-    ``redis_cache``: a Redis URL (``redis://127.0.0.1:6379/0``) whose server every process pointing
-    at it shares: the tier after RAM and before disk (turns ``prefix_cache`` on); ``redis_ttl_s``:
-    how long a block stays there unread (Redis's own ``maxmemory`` policy evicts before that).
-    ``exact_reuse``: a cached prefix is reused up to a multiple of ``prefill_chunk`` (and of
-    ``block_size``) only, so the rest of the prompt is computed in the chunks a cold run that
-    prefilled in whole ``prefill_chunk`` chunks (a request alone, or with room in its steps)
-    computed it in, and the output is that cold run's token for token (matrix kernels round
-    differently for different chunk lengths: in bfloat16 on CPUs with AMX that changes greedy
-    tokens). A prompt no longer than ``prefill_chunk`` reuses nothing; keep ``prefill_chunk`` a
-    multiple of ``block_size``, or reuse points are their least common multiple. False: every whole
-    cached block is reused (up to ``prefill_chunk - 1`` more tokens per request), tokens may differ.
-    ``max_num_seqs``: sequences running at once; a policy that evicts or offloads under a byte
-    budget gives each request ``budget / max_num_seqs`` unless the request brings its own.
-    ``max_batch_tokens``: tokens one forward computes at most (decodes and prefill chunks).
-    ``reserve_new_tokens``: how many of a request's new tokens its admission sets aside (None:
-    all of them, so nothing is ever preempted; a number admits more at once and preempts, by
-    swapping to disk, when the running requests outgrow the pool).
-    ``dtype``: of the weights and the KV cache, ``auto`` (see ``kvmem.model.dtype``), ``float32``
-    or ``bfloat16``.
-    ``compress_after_prompt``: bytes (or ``"512MiB"``) — run each prompt at full size within this
-    transient peak, then compress it once to ``kv_budget`` with the whole prompt in view, instead of
-    chunk by chunk under the budget (the default, where the peak matters). The pool's hard cap is
-    this peak; a prompt whose full-size KV exceeds it is refused up front. Needs an eviction policy.
-    """
-
-    model: str = DEFAULT_MODEL
-    kv_budget: int | str | None = None
-    policy: str | None = None
-    block_size: int = DEFAULT_BLOCK_SIZE
-    prefill_chunk: int = 512
-    prefix_cache: bool = False
-    disk_cache: str | None = None
-    disk_cache_max: int | str | None = None
-    max_num_seqs: int = 16
-    max_batch_tokens: int = 1024
-    reserve_new_tokens: int | None = None
-    dtype: str = "auto"
-    compress_after_prompt: int | str | None = None
-    redis_cache: str | None = None
-    redis_ttl_s: float | None = DEFAULT_TTL_S
-    exact_reuse: bool = True
+    model: str = _option(DEFAULT_MODEL, "embedded name, model folder or .gguf file")
+    kv_budget: int | str | None = _option(
+        None,
+        "KV cache budget: bytes (64MiB, a hard cap), or with {policy} also a share of a full cache "
+        "(25%) or tokens per layer (512tok); none: unlimited",
+    )
+    policy: str | None = _option(
+        None,
+        "compression policy that keeps the cache within {kv_budget} (see `kvmem policies`); "
+        "none: a request that does not fit is refused",
+    )
+    block_size: int = _option(
+        DEFAULT_BLOCK_SIZE,
+        "tokens per KV block; a block format keeps its last, partly filled block at full precision, "
+        "so a smaller block holds fewer full-precision tokens",
+    )
+    prefill_chunk: int = _option(
+        512, "tokens per prefill forward, so a long prompt's activations stay bounded"
+    )
+    prefix_cache: bool = _option(
+        False,
+        "reuse the KV blocks of leading tokens already computed: completed blocks stay in the pool "
+        "until it needs room (no policy or a quantizer alone)",
+    )
+    disk_cache: str | None = _option(
+        None,
+        "a folder where those blocks are also written, so a later process skips their prefill "
+        "(turns {prefix_cache} on; see `kvmem cache`)",
+    )
+    disk_cache_max: int | str | None = _option(None, "size cap of the disk cache (2GiB); none: no cap")
+    max_num_seqs: int = _option(
+        16,
+        "sequences running at once; a policy that evicts or offloads under a byte budget gives "
+        "each request the budget / {max_num_seqs} unless the request brings its own",
+    )
+    max_batch_tokens: int = _option(1024, "tokens one forward computes at most (decodes and prefill chunks)")
+    reserve_new_tokens: int | None = _option(
+        None,
+        "new tokens a request's admission sets aside: when the running requests outgrow the pool "
+        "the newest is preempted (swapped to disk) and resumed later; none: all of them (never "
+        "preempts, fewer at once)",
+    )
+    dtype: str = _option(
+        "auto",
+        "weights and KV cache: auto (bfloat16 where the CPU computes it natively, AMX or "
+        "AVX512-BF16, or on a GPU; else float32; see kvmem.model.dtype), float32 or bfloat16",
+    )
+    compress_after_prompt: int | str | None = _option(
+        None,
+        "a peak of KV bytes (512MiB): run each prompt at full size within it, then compress it once "
+        "to {kv_budget} with the whole prompt in view; the pool's hard cap is this peak, and a "
+        "prompt whose full-size KV exceeds it is refused up front; needs an eviction policy. "
+        "none: compress chunk by chunk, never above the budget",
+    )
+    redis_cache: str | None = _option(
+        None,
+        "also keep reusable blocks in a Redis server that other kvmem processes share "
+        "(redis://127.0.0.1:6379/0): read after RAM, before disk; a slow or dead server is a miss "
+        "(turns {prefix_cache} on)",
+    )
+    redis_ttl_s: float | None = _option(
+        DEFAULT_TTL_S, "seconds a block stays in Redis unread (its maxmemory policy may evict sooner)"
+    )
+    exact_reuse: bool = _option(
+        True,
+        "reused cached prefixes end on a multiple of {prefill_chunk} (and of {block_size}), so the "
+        "rest of the prompt is computed in the chunks a cold run that prefilled in whole chunks "
+        "computed it in, and the output is that run's token for token (matrix kernels round "
+        "differently for different chunk lengths: in bfloat16 on CPUs with AMX that changes greedy "
+        "tokens); a prompt no longer than {prefill_chunk} reuses nothing. Off: every whole cached "
+        "block is reused (up to {prefill_chunk} - 1 more tokens per request), tokens may differ",
+    )
 
     def __post_init__(self) -> None:
         budget = KVBudget.parse(self.kv_budget)
@@ -141,3 +177,23 @@ class EngineConfig:
         if self.compress_after_prompt is not None:
             return parse_budget(self.compress_after_prompt, PEAK)
         return self.budget.bytes
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A copy with ``changes`` by field name, validated again; an unknown name raises ``TypeError``
+        naming the fields."""
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise TypeError(
+                f"unknown engine option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"EngineConfig's fields are: {', '.join(FIELDS)}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def field_help(name: str, refer: Callable[[str], str] = lambda other: other) -> str:
+    """Field ``name``'s help text, the other fields it mentions written as ``refer(their name)``."""
+    (spec,) = (f for f in dataclasses.fields(EngineConfig) if f.name == name)
+    return str(spec.metadata["help"]).format_map({other: refer(other) for other in FIELDS})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
+from os import PathLike, fspath
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from transformers import PreTrainedTokenizerBase
 
@@ -16,12 +17,11 @@ from kvmem.engine.request import Request
 from kvmem.engine.result import GenerationResult
 from kvmem.engine.sampling import SamplingParams
 from kvmem.engine.sequence import Sequence
-from kvmem.kv.pool import DEFAULT_BLOCK_SIZE, KVPool
+from kvmem.kv.pool import KVPool
 from kvmem.model.dtype import resolve_dtype
 from kvmem.model.loader import LoadedModel, load_model
 from kvmem.model.spec import ModelSpec
 from kvmem.prefix.cache import PrefixCache
-from kvmem.tiers.redis import DEFAULT_TTL_S
 
 if TYPE_CHECKING:
     from kvmem.engine.chat import ChatSession
@@ -40,52 +40,29 @@ class LLM:
 
     def __init__(
         self,
-        model: str | LoadedModel = "smollm2-135m",
-        kv_budget: int | str | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        prefill_chunk: int = 512,
-        policy: str | None = None,
-        prefix_cache: bool = False,
-        disk_cache: str | Path | None = None,
-        disk_cache_max: int | str | None = None,
-        max_num_seqs: int = 16,
-        max_batch_tokens: int = 1024,
-        reserve_new_tokens: int | None = None,
-        dtype: str = "auto",
+        model: str | LoadedModel | None = None,
+        config: EngineConfig | None = None,
+        *,
         device: str | None = None,
-        compress_after_prompt: int | str | None = None,
-        redis_cache: str | None = None,
-        redis_ttl_s: float | None = DEFAULT_TTL_S,
-        exact_reuse: bool = True,
+        **overrides: Any,
     ) -> None:
-        """``dtype`` and ``device`` apply to a model loaded by name or path (``"auto"``: see
-        ``kvmem.model.dtype``); a ``LoadedModel`` is used in the dtype and on the device it has.
-        ``compress_after_prompt``: a peak in bytes; ``redis_cache``: a shared Redis tier's URL;
-        ``exact_reuse``: reuse cached prefixes in whole prefill chunks only; see ``EngineConfig``."""
-        name = model if isinstance(model, str) else model.name
-        if not isinstance(model, str):
-            dtype = str(model.spec.dtype).removeprefix("torch.")
-        self.config = EngineConfig(
-            name,
-            kv_budget,
-            policy,
-            block_size,
-            prefill_chunk,
-            prefix_cache,
-            None if disk_cache is None else str(disk_cache),
-            disk_cache_max,
-            max_num_seqs,
-            max_batch_tokens,
-            reserve_new_tokens,
-            dtype,
-            compress_after_prompt,
-            redis_cache,
-            redis_ttl_s,
-            exact_reuse,
-        )
+        """``config`` (default ``EngineConfig()``) with ``overrides`` by field name (``kv_budget=``,
+        ``policy=``, ``max_num_seqs=``, …: ``EngineConfig``'s fields; another name raises
+        ``TypeError`` naming them); ``model`` (default the config's) replaces its ``model``.
+        ``device`` and the config's ``dtype`` apply to a model loaded by name or path; a
+        ``LoadedModel`` is used in the dtype and on the device it has."""
+        if isinstance(overrides.get("disk_cache"), PathLike):
+            overrides["disk_cache"] = fspath(overrides["disk_cache"])
+        if isinstance(model, str):
+            overrides["model"] = model
+        elif model is not None:
+            overrides |= {"model": model.name, "dtype": str(model.spec.dtype).removeprefix("torch.")}
+        base = EngineConfig() if config is None else config
+        self.config = base.replace(**overrides)  # raises TypeError for a name that is no field
+        model = self.config.model if model is None else model
         if isinstance(model, str):
             device = device or "cpu"
-            self.loaded = load_model(model, resolve_dtype(dtype, device), device)
+            self.loaded = load_model(model, resolve_dtype(self.config.dtype, device), device)
         else:
             self.loaded = model
         self.engine = Engine(self.loaded, self.config)

@@ -8,11 +8,17 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kvmem.engine import options
 from kvmem.errors import KVMemError, format_bytes
 from kvmem.kv.budget import parse_budget
 
 if TYPE_CHECKING:
     from kvmem.engine.llm import LLM
+
+
+# serve's engine options whose default is not EngineConfig's: a server admits more requests at once
+# than it could finish without preempting
+SERVE_DEFAULTS = {"reserve_new_tokens": 128}
 
 
 class ServeUsageError(KVMemError, ValueError):
@@ -49,26 +55,12 @@ def add_parser(
         help="derive each request's cache salt from its API key, so tenants never share cached blocks",
     )
     serve.add_argument("--served-model-name", help="the model name clients send (default: --model)")
-    serve.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding at once (default 16)")
-    serve.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=1024,
-        help="tokens one forward computes at most (default 1024)",
-    )
+    options.add_options(serve, ("max_num_seqs", "max_batch_tokens", "reserve_new_tokens"), SERVE_DEFAULTS)
     serve.add_argument(
         "--max-waiting",
         type=int,
         default=64,
         help="requests queued beyond --max-num-seqs; more get 429 with Retry-After (default 64)",
-    )
-    serve.add_argument(
-        "--reserve-new-tokens",
-        type=int,
-        default=128,
-        help="new tokens an admission sets aside per request (default 128); when running requests "
-        "outgrow the pool the newest is preempted to disk and resumed later. -1: reserve all of "
-        "max_tokens (never preempts, fewer at once)",
     )
     serve.add_argument(
         "--drain-timeout",
@@ -82,6 +74,7 @@ def add_parser(
 
 
 def validate(args: argparse.Namespace) -> None:
+    """``serve``'s own options, before anything binds or loads (``kvmem.cli`` calls it)."""
     for name in ("max_num_seqs", "max_batch_tokens"):
         if getattr(args, name) < 1:
             raise ServeUsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -92,19 +85,15 @@ def validate(args: argparse.Namespace) -> None:
     parse_budget(args.max_body_size, "--max-body-size")  # raises InvalidBudgetError
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, object]:
-    """The ``LLM`` arguments ``serve`` adds to the common ones."""
-    return {
-        "max_num_seqs": args.max_num_seqs,
-        "max_batch_tokens": max(args.max_batch_tokens, args.max_num_seqs),
-        "reserve_new_tokens": None if args.reserve_new_tokens < 0 else args.reserve_new_tokens,
-    }
+def engine_changes(args: argparse.Namespace) -> dict[str, object]:
+    """What ``serve`` changes in the ``EngineConfig`` its options describe: a forward computes at
+    least one token for each running sequence."""
+    return {"max_batch_tokens": max(args.max_batch_tokens, args.max_num_seqs)}
 
 
-def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
+def cmd_serve(args: argparse.Namespace, make_llm: Callable[[argparse.Namespace], LLM]) -> int:
     from kvmem.server.listen import bind
 
-    validate(args)
     sockets = bind(args.host, args.port)  # a port in use fails here, before the model loads
     try:
         return _serve(args, make_llm, sockets)
@@ -113,7 +102,9 @@ def cmd_serve(args: argparse.Namespace, make_llm: Callable[..., LLM]) -> int:
             sock.close()
 
 
-def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sockets: list[socket.socket]) -> int:
+def _serve(
+    args: argparse.Namespace, make_llm: Callable[[argparse.Namespace], LLM], sockets: list[socket.socket]
+) -> int:
     import uvicorn
 
     from kvmem.server.app import ServeConfig, create_app
@@ -123,7 +114,7 @@ def _serve(args: argparse.Namespace, make_llm: Callable[..., LLM], sockets: list
     from kvmem.server.progress import loading
 
     with loading(args.model):
-        llm = make_llm(args, **engine_options(args))
+        llm = make_llm(args)
     config = ServeConfig(
         model_name=args.served_model_name or args.model,
         api_keys=tuple(args.api_key),
