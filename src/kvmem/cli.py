@@ -34,6 +34,7 @@ MODEL_OPTIONS = (
     "prefill_chunk",
     "compress_after_prompt",
     "dtype",
+    "threads",
 )
 REUSE_OPTIONS = ("prefix_cache", "disk_cache", "disk_cache_max", "exact_reuse", "redis_cache", "redis_ttl_s")
 

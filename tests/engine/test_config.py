@@ -47,3 +47,18 @@ def test_llm_takes_a_config_and_overrides_by_name(llama: LoadedModel) -> None:
 def test_llm_refuses_an_unknown_option_naming_the_valid_ones(llama: LoadedModel) -> None:
     with pytest.raises(TypeError, match="unknown engine option 'kv_bugdet'.*kv_budget"):
         LLM(llama, kv_bugdet="1MiB")
+
+
+def test_threads_set_the_one_pool_of_the_process(llama: LoadedModel) -> None:
+    import torch
+
+    with pytest.raises(ValueError, match="threads"):
+        EngineConfig(threads=0)
+    before = torch.get_num_threads()
+    try:
+        LLM(llama, threads=1)
+        assert torch.get_num_threads() == 1  # PyTorch's ops and kvmem's kernel alike
+        LLM(llama)  # not given: left as it is
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -108,3 +108,19 @@ def test_what_it_cannot_read_takes_the_pytorch_path() -> None:
     assert kernel.usable([past], q.to(torch.float16)) is None  # a dtype it has no code for
     past.valid = torch.ones(H, 9, dtype=torch.bool)  # per-head padding (AdaKV)
     assert kernel.usable([past], q) is None
+
+
+def test_a_registered_operator_that_tracing_can_use() -> None:
+    """``torch.ops.kvmem.paged_decode``: schema, fake (meta) implementation and AOT dispatch checked
+    by PyTorch's own ``opcheck``."""
+    torch.manual_seed(3)
+    blocks = lists(torch.float32, KIVI(4), [21, 40], None)
+    pasts = [x.past() for x in blocks]
+    q, nk, nv = torch.randn(2, H * G, D), torch.randn(2, H, D), torch.randn(2, H, D)
+    geometry = kernel.usable(pasts, q)
+    assert geometry is not None
+    rows, segments = kernel.tables(pasts)
+    args = (q, nk, nv, rows, segments, list(geometry), D**-0.5, False)
+    torch.library.opcheck(torch.ops.kvmem.paged_decode.default, args)
+    expected = kernel.decode(q, nk, nv, pasts, D**-0.5, geometry)
+    torch.testing.assert_close(torch.ops.kvmem.paged_decode(*args), expected, rtol=0, atol=0)

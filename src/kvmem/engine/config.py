@@ -81,6 +81,12 @@ class EngineConfig:
         "weights and KV cache: auto (bfloat16 where the CPU computes it natively, AMX or "
         "AVX512-BF16, or on a GPU; else float32; see kvmem.model.dtype), float32 or bfloat16",
     )
+    threads: int | None = _option(
+        None,
+        "CPU threads for the model's matrix products and kvmem's attention: one pool for both "
+        "(torch.set_num_threads, for the whole process); fewer than the cores leaves room for a "
+        "neighbour; none: PyTorch's default, one per core",
+    )
     compress_after_prompt: int | str | None = _option(
         None,
         "a peak of KV bytes (512MiB): run each prompt at full size within it, then compress it once "
@@ -141,6 +147,8 @@ class EngineConfig:
                 f"prefix caching needs no policy or a quantizer alone (kivi4, bfp4, …), not {self.policy!r}: "
                 "eviction rewrites each sequence's blocks"
             )
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads must be positive or None, got {self.threads}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.prefill_chunk <= 0:

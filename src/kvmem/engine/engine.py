@@ -55,6 +55,8 @@ class Engine:
         self._policies: dict[str, Policy | None] = {config.policy or "": self.policy}
         # every forward runs through kvmem's attention (elsewhere it is transformers' SDPA, unchanged)
         loaded.model.set_attn_implementation(register_attention())
+        if config.threads is not None:  # the process's one pool: PyTorch's ops and kvmem's kernel
+            torch.set_num_threads(config.threads)
         self.prefix: PrefixCache | None = None
         if config.shares_prefixes:
             disk = config.disk_cache

@@ -58,6 +58,7 @@ FLAGS: dict[str, Flag] = {
     "prefill_chunk": Flag("--prefill-chunk", {"type": int}),
     "compress_after_prompt": Flag("--compress-after-prompt", {"metavar": "PEAK"}),
     "dtype": Flag("--dtype", {"choices": DTYPE_CHOICES}),
+    "threads": Flag("--threads", {"type": int}),
     "prefix_cache": Flag("--prefix-cache", {"action": "store_true"}),
     "disk_cache": Flag(
         "--disk-cache",

@@ -7,24 +7,27 @@ ship their own kernels for this; kvmem ships ``paged_attention.cpp``: one query 
 sequence, online softmax over the sequence's blocks in place, KIVI blocks decoded on the fly, so
 attention reads the bytes the pool holds and nothing else.
 
-It is compiled on first use with the system's C++ compiler (``g++`` or ``$CXX``; about a second)
-into kvmem's cache folder, named by a hash of the source, the flags and this CPU, and loaded with
-``ctypes``. Where that is not possible (no compiler, another device than the CPU, a block format
-it does not read, per-head padding) attention takes the PyTorch path: gather, then SDPA.
-``KVMEM_KERNEL=0`` turns it off.
+It is a PyTorch operator, ``torch.ops.kvmem.paged_decode`` (registered with ``TORCH_LIBRARY``, a
+fake implementation for tracing beside it), built on first use with ``torch.utils.cpp_extension``
+and the system's C++ compiler (``c++`` or ``$CXX``; under a minute, once) into kvmem's cache folder,
+named by a hash of the source, the flags, this CPU and this torch. It runs on PyTorch's own thread
+pool (``torch.set_num_threads`` governs both). Where it cannot be had (no compiler, another device
+than the CPU, a block format it does not read, per-head padding) attention takes the PyTorch path:
+gather, then SDPA. ``KVMEM_KERNEL=0`` turns it off.
+
+Simplification: the operator reads blocks at the addresses in its ``segments`` table, not from
+tensor arguments, so it is called eagerly with the blocks alive (a compiled graph may call it, but
+must not cache its inputs across steps).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import hashlib
 import os
 import platform
 import shutil
-import subprocess
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,13 +39,11 @@ from kvmem.model.past import PACKED, Past
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
 # no -ffast-math: it would link code that changes the whole process's floating-point mode
-FLAGS: tuple[str, ...] = ("-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math")
-FLAGS += ("-fopenmp", "-shared", "-fPIC")
-ABI_VERSION = 2
+FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp")
+_DTYPES = (torch.float32, torch.bfloat16)
 # Multiply-adds that make a second thread worth waking: a parallel region waits for every thread it
 # starts, and on a busy machine that is a wait for a time slice (milliseconds), not microseconds.
 PARALLEL_WORK = 1 << 17
-_DTYPES = {torch.float32: "kvmem_decode_f32", torch.bfloat16: "kvmem_decode_bf16"}
 _switched_off = False
 
 
@@ -66,39 +67,62 @@ def _cpu_signature() -> str:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, building it if needed; None where it cannot be had (see the module)."""
+def library() -> bool:
+    """Whether ``torch.ops.kvmem.paged_decode`` is there, building it if needed (see the module)."""
     if os.environ.get("KVMEM_KERNEL", "1") == "0":
-        return None
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode())
-    path = cache_dir() / "kernels" / f"paged-attention-{key.hexdigest()[:16]}.so"
+        return False
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return False
+    from torch.utils import cpp_extension  # its import is slow; only here
+
+    key = hashlib.sha256(
+        SOURCE.read_bytes()
+        + " ".join(FLAGS).encode()
+        + compiler.encode()
+        + _cpu_signature().encode()
+        + torch.__version__.encode()
+    ).hexdigest()[:16]
+    folder = cache_dir() / "kernels" / f"paged-attention-{key}"
     try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                built = Path(tmp) / path.name
-                command = [compiler, *FLAGS, str(SOURCE), "-o", str(built)]
-                subprocess.run(command, check=True, capture_output=True, timeout=300)
-                os.replace(built, path)  # atomic: concurrent builders leave one valid file
-        lib = ctypes.CDLL(str(path))
-        if lib.kvmem_abi_version() != ABI_VERSION:
-            raise OSError(f"{path} is of another version")
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail: object = exc
-        if isinstance(exc, subprocess.CalledProcessError):
-            detail = exc.stderr.decode(errors="replace")[-400:]
-        warnings.warn(f"kvmem: compiled attention unavailable, using PyTorch's ({detail})", stacklevel=2)
-        return None
-    pointer = ctypes.c_void_p
-    for name in _DTYPES.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float] + [pointer] * 6 + [ctypes.c_int, pointer]
-        fn.restype = ctypes.c_int
-    return lib
+        folder.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name=f"kvmem_paged_attention_{key}",
+            sources=[str(SOURCE)],
+            extra_cflags=list(FLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    except (OSError, RuntimeError, ImportError) as exc:  # no ninja, a compiler error, a bad .so
+        warnings.warn(
+            f"kvmem: compiled attention unavailable, using PyTorch's ({str(exc)[-400:]})", stacklevel=2
+        )
+        return False
+    _register_fake()
+    return True
+
+
+def _register_fake() -> None:
+    """What the operator returns, for tracing (``torch.compile``, meta tensors): a tensor like ``q``."""
+    try:
+        torch.library.register_fake("kvmem::paged_decode")(_fake)
+    except RuntimeError:  # already registered in this process
+        pass
+
+
+def _fake(
+    q: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    rows: torch.Tensor,
+    segments: torch.Tensor,
+    geometry: list[int],
+    scale: float,
+    parallel: bool,
+) -> torch.Tensor:
+    return torch.empty_like(q)
 
 
 def usable(pasts: Sequence[Past], query: torch.Tensor) -> tuple[int, ...] | None:
@@ -115,7 +139,7 @@ def usable(pasts: Sequence[Past], query: torch.Tensor) -> tuple[int, ...] | None
             if found is None or (geometry is not None and found != geometry):
                 return None
             geometry = found
-    if library() is None:
+    if not library():
         return None
     return (0, 0, 0, 1, 1) if geometry is None else geometry
 
@@ -133,36 +157,32 @@ def decode(
     query: [B, Hq, D]; new_keys, new_values: [B, H, D] -> [B, Hq, D]. The pasts must keep their
     tensors alive for the call (they do: a ``Past`` holds its parts).
     """
-    lib = library()
-    assert lib is not None
-    b, hq, d = query.shape
-    heads = new_keys.shape[1]
+    assert library()
+    _, hq, d = query.shape
+    rows, segments = tables(pasts)
+    work = 2 * hq * d * sum(past.count + 1 for past in pasts)  # multiply-adds: logits and values
+    parallel = torch.get_num_threads() > 1 and work >= 2 * PARALLEL_WORK
+    return torch.ops.kvmem.paged_decode(  # [B, Hq, D]
+        query.contiguous(),
+        new_keys.contiguous(),
+        new_values.contiguous(),
+        rows,
+        segments,
+        list(geometry),
+        scaling,
+        parallel,
+    )
+
+
+def tables(pasts: Sequence[Past]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operator's ``rows`` [B, 4] (first segment, end segment, lo, count) and ``segments`` [S, 5]
+    (``Past.refs``: kind, key address or packed buffer, value address, slots, head stride)."""
     rows: list[tuple[int, int, int, int]] = []
     segments: list[tuple[int, int, int, int, int]] = []
     for past in pasts:
         rows.append((len(segments), len(segments) + len(past.refs), past.lo, past.count))
         segments += past.refs
-    row_table = torch.tensor(rows, dtype=torch.int64)  # [B, 4]
-    seg_table = torch.tensor(segments or [(PACKED, 0, 0, 0, 0)], dtype=torch.int64)  # [S, 5]
-    kivi = (ctypes.c_int * 5)(*geometry)
-    q, nk, nv = query.contiguous(), new_keys.contiguous(), new_values.contiguous()
-    out = torch.empty_like(q)
-    work = 2 * hq * d * sum(past.count + 1 for past in pasts)  # multiply-adds: logits and values
-    threads = max(1, min(torch.get_num_threads(), work // PARALLEL_WORK))
-    fn = getattr(lib, _DTYPES[query.dtype])
-    fn(
-        b,
-        heads,
-        hq // heads,
-        d,
-        scaling,
-        q.data_ptr(),
-        nk.data_ptr(),
-        nv.data_ptr(),
-        row_table.data_ptr(),
-        seg_table.data_ptr(),
-        kivi,
-        threads,
-        out.data_ptr(),
+    return (
+        torch.tensor(rows, dtype=torch.int64),
+        torch.tensor(segments or [(PACKED, 0, 0, 0, 0)], dtype=torch.int64),
     )
-    return out

@@ -7,8 +7,14 @@
 // channel and values per token, 2/4/8-bit codes with float16 scale and zero per group (the
 // buffer layout of kvmem.compress.kivi). As in flash-decoding, a row's segments are cut into
 // jobs that run in parallel, each keeping an online softmax (max, sum, weighted values) in
-// float32; the jobs of a row are merged at the end. Plain C++ with OpenMP, no torch: compiled on
-// first use by kvmem.model.kernel.
+// float32; the jobs of a row are merged at the end. Registered with PyTorch as the operator
+// kvmem::paged_decode, run on PyTorch's own thread pool (at::parallel_for); built on first use by
+// kvmem.model.kernel with torch.utils.cpp_extension.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -242,7 +248,7 @@ struct Job {
 
 template <typename T>
 void decode(int B, int H, int G, int D, float scale, const T* q, const T* new_k, const T* new_v, const int64_t* rows,
-            const int64_t* seg, const int* geometry, int threads, T* out) {
+            const int64_t* seg, const int* geometry, bool parallel, T* out) {
     Kivi kivi(geometry, D);
     std::vector<Job> jobs;
     std::vector<int64_t> first_job(static_cast<size_t>(B) * H + 1, 0);
@@ -265,12 +271,11 @@ void decode(int B, int H, int G, int D, float scale, const T* q, const T* new_k,
     std::vector<float> part_m(J * G), part_l(J * G), part_acc(J * G * D);
     int bs = std::max(kivi.bs, 1);
 
-#pragma omp parallel num_threads(threads)
-    {
+    // the jobs, on PyTorch's threads (or this one), each with scratch of its own
+    auto run_jobs = [&](int64_t begin, int64_t end) {
         Scratch sc(G, D, bs);
         std::vector<float> qf(static_cast<size_t>(G) * D);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t j = 0; j < J; ++j) {
+        for (int64_t j = begin; j < end; ++j) {
             const Job& job = jobs[j];
             to_float(q + (static_cast<int64_t>(job.b) * H * G + job.h * G) * D, qf.data(), G * D);
             for (float& x : qf) x *= scale;
@@ -295,8 +300,12 @@ void decode(int B, int H, int G, int D, float scale, const T* q, const T* new_k,
             std::copy(st.l.begin(), st.l.end(), part_l.begin() + j * G);
             std::copy(st.acc.begin(), st.acc.end(), part_acc.begin() + j * G * D);
         }
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < static_cast<int64_t>(B) * H; ++bh) {
+    };
+    // each row and head: its new token, then its jobs merged in order (the same sums on any threads)
+    auto merge_rows = [&](int64_t begin, int64_t end) {
+        Scratch sc(G, D, bs);
+        std::vector<float> qf(static_cast<size_t>(G) * D);
+        for (int64_t bh = begin; bh < end; ++bh) {
             int b = static_cast<int>(bh / H), h = static_cast<int>(bh % H);
             to_float(q + (static_cast<int64_t>(b) * H * G + h * G) * D, qf.data(), G * D);
             for (float& x : qf) x *= scale;
@@ -323,30 +332,66 @@ void decode(int B, int H, int G, int D, float scale, const T* q, const T* new_k,
                 from_float(acc, out + (static_cast<int64_t>(b) * H * G + h * G + g) * D, D);
             }
         }
+    };
+    int64_t rows_heads = static_cast<int64_t>(B) * H;
+    if (parallel) {
+        at::parallel_for(0, J, 1, run_jobs);
+        at::parallel_for(0, rows_heads, 1, merge_rows);
+    } else {
+        run_jobs(0, J);
+        merge_rows(0, rows_heads);
     }
 }
 
 }  // namespace
 
-extern "C" {
-
-// rows: [B, 4] int64 (first segment, end segment, lo, count); seg: [S, 5] int64 (kind 0 full / 1 KIVI,
-// key pointer or KIVI buffer, value pointer, slots, head stride in elements); geometry: KIVI heads,
-// block size, bits, key group, value group (unused without KIVI segments).
-// q, out: [B, H*G, D]; new_k, new_v: [B, H, D].
-int kvmem_decode_f32(int B, int H, int G, int D, float scale, const float* q, const float* new_k,
-                     const float* new_v, const int64_t* rows, const int64_t* seg, const int* geometry, int threads,
-                     float* out) {
-    decode<float>(B, H, G, D, scale, q, new_k, new_v, rows, seg, geometry, threads, out);
-    return 0;
+// q: [B, H*G, D]; new_keys, new_values: [B, H, D], float32 or bfloat16, contiguous; rows: [B, 4] int64
+// (first segment, end segment, lo, count); segments: [S, 5] int64 (kind 0 full / 1 KIVI, key address or
+// KIVI buffer, value address, slots, head stride in elements); geometry: KIVI heads, block size, bits,
+// key group, value group (unused without KIVI segments). -> [B, H*G, D], the dtype of q.
+// The blocks are read at the addresses in `segments`: the caller keeps them alive for the call.
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& new_keys, const at::Tensor& new_values,
+                        const at::Tensor& rows, const at::Tensor& segments, at::IntArrayRef geometry, double scale,
+                        bool parallel) {
+    TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && new_keys.dim() == 3 && new_values.sizes() == new_keys.sizes(),
+                "paged_decode: q [B, H*G, D] and new keys/values [B, H, D] on the CPU");
+    TORCH_CHECK(q.is_contiguous() && new_keys.is_contiguous() && new_values.is_contiguous(),
+                "paged_decode: contiguous q and new keys/values");
+    TORCH_CHECK(new_keys.scalar_type() == q.scalar_type() && new_values.scalar_type() == q.scalar_type(),
+                "paged_decode: q and new keys/values of one dtype");
+    TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 2 && rows.size(1) == 4 &&
+                    rows.size(0) == q.size(0),
+                "paged_decode: rows [B, 4] int64");
+    TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() && segments.dim() == 2 &&
+                    segments.size(1) == 5,
+                "paged_decode: segments [S, 5] int64");
+    TORCH_CHECK(geometry.size() == 5, "paged_decode: geometry of 5 integers");
+    int B = static_cast<int>(q.size(0)), H = static_cast<int>(new_keys.size(1)), D = static_cast<int>(q.size(2));
+    TORCH_CHECK(H > 0 && q.size(1) % H == 0 && new_keys.size(0) == B && new_keys.size(2) == D,
+                "paged_decode: query heads a multiple of KV heads");
+    int G = static_cast<int>(q.size(1)) / H;
+    int shape[5];
+    for (int i = 0; i < 5; ++i) shape[i] = static_cast<int>(geometry[i]);
+    at::Tensor out = at::empty_like(q);
+    const int64_t* r = rows.data_ptr<int64_t>();
+    const int64_t* s = segments.data_ptr<int64_t>();
+    float sc = static_cast<float>(scale);
+    if (q.scalar_type() == at::kFloat) {
+        decode<float>(B, H, G, D, sc, q.data_ptr<float>(), new_keys.data_ptr<float>(), new_values.data_ptr<float>(),
+                      r, s, shape, parallel, out.data_ptr<float>());
+    } else {
+        TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_decode: float32 or bfloat16");
+        auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+        decode<uint16_t>(B, H, G, D, sc, bits(q), bits(new_keys), bits(new_values), r, s, shape, parallel, bits(out));
+    }
+    return out;
 }
 
-int kvmem_decode_bf16(int B, int H, int G, int D, float scale, const uint16_t* q, const uint16_t* new_k,
-                      const uint16_t* new_v, const int64_t* rows, const int64_t* seg, const int* geometry,
-                      int threads, uint16_t* out) {
-    decode<uint16_t>(B, H, G, D, scale, q, new_k, new_v, rows, seg, geometry, threads, out);
-    return 0;
+
+TORCH_LIBRARY(kvmem, m) {
+    m.def(
+        "paged_decode(Tensor q, Tensor new_keys, Tensor new_values, Tensor rows, Tensor segments, int[] geometry, "
+        "float scale, bool parallel) -> Tensor");
 }
 
-int kvmem_abi_version() { return 2; }
-}
+TORCH_LIBRARY_IMPL(kvmem, CPU, m) { m.impl("paged_decode", &paged_decode); }
