@@ -1,7 +1,7 @@
 """kvmem: a memory system for LLM inference — the KV cache in a paged pool under a byte budget."""
 
 from kvmem.demo import document as demo_document
-from kvmem.engine.chat import ChatSession
+from kvmem.engine.chat import ChatSession, load_chat, save_session
 from kvmem.engine.config import EngineConfig
 from kvmem.engine.llm import LLM
 from kvmem.engine.result import GenerationResult, GenerationStats
@@ -20,7 +20,6 @@ from kvmem.kv.pool import KVPool, PoolConfig
 from kvmem.model.cache import KVMemCache
 from kvmem.model.loader import LoadedModel, load_model
 from kvmem.model.registry import DEFAULT_MODEL, embedded_names
-from kvmem.tiers.session import load_chat, save_session
 
 __all__ = [
     "DEFAULT_MODEL",

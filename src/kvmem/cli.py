@@ -303,7 +303,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _open_session(llm: LLM, system: str | None, path: Path | None, name: str | None) -> ChatSession:
     """A new chat, or the one saved at ``path`` (its KV state loaded, nothing recomputed)."""
-    from kvmem.tiers.session import load_chat
+    from kvmem.engine.chat import load_chat
 
     if path is None or not path.exists():
         return llm.chat(system)

@@ -149,7 +149,7 @@ def test_bfp_cache_holds_real_bytes_and_one_permutation_per_layer(tiny: LoadedMo
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 43))
     logits = seq.prefill(16)
-    full_layers = [layer for layer in seq.cache.paged_layers if layer.window is None]
+    full_layers = [layer for layer in seq.cache.kv_layers if layer.window is None]
     orders = [layer.stream().layout.permutation for layer in full_layers]
     assert all(order is not None for order in orders)
     for _ in range(100):
@@ -158,7 +158,7 @@ def test_bfp_cache_holds_real_bytes_and_one_permutation_per_layer(tiny: LoadedMo
         llm.pool.check_integrity()
         logits = seq.step(sample(logits, SamplingParams(), None))
     unquantized = sum(
-        -(-layer.table.num_held // 4) * layer.stream().block_bytes for layer in seq.cache.paged_layers
+        -(-layer.table.num_held // 4) * layer.stream().block_bytes for layer in seq.cache.kv_layers
     )
     assert seq.cache.nbytes < unquantized * 3 / 4  # the last block of each layer stays exact
     if budget is not None:  # compaction re-encodes the kept tokens, still with the first permutation

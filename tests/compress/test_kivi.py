@@ -50,7 +50,7 @@ def test_quantized_cache_holds_real_bytes_at_every_step(tiny: LoadedModel, polic
         logits = seq.step(token)
         ref.step(token)
     assert seq.cache.nbytes < ref.cache.nbytes / 2
-    full_layers = [layer for layer in seq.cache.paged_layers if layer.window is None]
+    full_layers = [layer for layer in seq.cache.kv_layers if layer.window is None]
     assert any(p is not None for layer in full_layers for p in layer.stream().packed)
     seq.release()
     assert llm.pool.bytes_used == 0

@@ -14,7 +14,7 @@ from kvmem.engine.sampling import SamplingParams
 from kvmem.engine.sequence import Sequence
 from kvmem.errors import InvalidBudgetError, KVBudgetError, SessionMismatchError
 from kvmem.kv.pool import KVPool, PoolConfig
-from kvmem.model.layers import OffloadLayer
+from kvmem.model.layers import LayerParams, OffloadLayer
 from kvmem.model.loader import LoadedModel
 from kvmem.tiers.offload import OffloadStore
 
@@ -42,7 +42,7 @@ def decode_within(llm: LLM, seq: Sequence, budget: int, steps: int) -> torch.Ten
         assert llm.pool.bytes_used <= budget
         assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
         llm.pool.check_integrity()
-        for layer in seq.cache.paged_layers:
+        for layer in seq.cache.kv_layers:
             layer.check()
         logits = seq.step(int(logits.argmax()))
     return logits
@@ -50,7 +50,8 @@ def decode_within(llm: LLM, seq: Sequence, budget: int, steps: int) -> torch.Ten
 
 def test_the_block_a_query_points_at_is_fetched(tmp_path: Path) -> None:
     pool = KVPool(PoolConfig(None, 4))
-    layer = OffloadLayer(pool, 2, 8, torch.float32, 0, store=OffloadStore(tmp_path), sinks=1, recent=1)
+    params = LayerParams(pool, 2, 8, torch.float32)
+    layer = OffloadLayer(params, store=OffloadStore(tmp_path), sinks=1, recent=1)
     layer.room = 3 * layer.block_bytes + 8 * layer.summary_bytes  # 2 resident, 8 summaries, 1 fetch
     g = torch.Generator().manual_seed(1)
     needle = torch.zeros(8)
@@ -79,7 +80,7 @@ def test_ample_budget_reproduces_uncompressed_output(tiny: LoadedModel) -> None:
     seq.token_ids = list(ids)
     result = next(e for e in llm.run(seq, 30, SamplingParams(), ()) if isinstance(e, GenerationResult))
     tokens = result.token_ids
-    offloaded = [layer.num_offloaded for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
+    offloaded = [layer.num_offloaded for layer in seq.cache.kv_layers if isinstance(layer, OffloadLayer)]
     assert offloaded and min(offloaded) > 20  # really on disk, every block fetched back
     assert tokens == expected
     seq.release()
@@ -91,7 +92,7 @@ def test_byte_budget_holds_at_every_step_and_files_go_with_the_sequence(tiny: Lo
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 150))
     logits = decode_within(llm, seq, budget, 200)
-    layers = [layer for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
+    layers = [layer for layer in seq.cache.kv_layers if isinstance(layer, OffloadLayer)]
     assert all(layer.num_offloaded > 60 and layer.reads > 0 for layer in layers)
     assert seq.cache.nbytes < seq.num_cached * tiny.spec.kv_bytes_per_token / 2
     store = seq.cache.store
@@ -159,7 +160,7 @@ def test_packed_blocks_are_offloaded_and_fetched_as_their_bytes(llama: LoadedMod
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 200))
     decode_within(llm, seq, budget, 40)
-    layers = [layer for layer in seq.cache.paged_layers if isinstance(layer, OffloadLayer)]
+    layers = [layer for layer in seq.cache.kv_layers if isinstance(layer, OffloadLayer)]
     assert layers and all(layer.num_offloaded > 20 and layer.reads > 0 for layer in layers)
     for layer in layers:
         layer.check()

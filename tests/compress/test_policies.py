@@ -68,7 +68,7 @@ def test_byte_budget_holds_at_every_step_for_200_tokens_past_it(tiny: LoadedMode
         assert llm.pool.bytes_used <= budget
         assert seq.cache.nbytes == llm.pool.bytes_used == llm.pool.physical_nbytes()
         llm.pool.check_integrity()
-        for layer in seq.cache.paged_layers:
+        for layer in seq.cache.kv_layers:
             layer.check()
         logits = seq.step(sample(logits, SamplingParams(), None))
     assert seq.num_cached == len(PROMPT) + 200
@@ -84,14 +84,14 @@ def test_token_and_fraction_budgets(llama: LoadedModel, policy: str) -> None:
     seq = by_tokens.new_sequence()
     seq.token_ids = list(range(3, 160))
     seq.prefill(64)
-    assert all(layer.held <= 48 for layer in seq.cache.paged_layers)
+    assert all(layer.held <= 48 for layer in seq.cache.kv_layers)
     seq.release()
 
     by_share = LLM(llama, block_size=4, kv_budget="25%", policy=policy)
     seq = by_share.new_sequence()
     seq.token_ids = list(range(3, 160))
     seq.prefill(64)
-    for layer in seq.cache.paged_layers:
+    for layer in seq.cache.kv_layers:
         assert layer.held <= 0.25 * 157 + 4
     seq.release()
 
@@ -119,7 +119,7 @@ def test_compaction_keeps_different_tokens_per_head(llama: LoadedModel) -> None:
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 30))
     seq.prefill(64)
-    layer = seq.cache.paged_layers[0]
+    layer = seq.cache.kv_layers[0]
     before, _ = layer.past().dense()  # [H, T, D]
     keep = torch.tensor([[0, 5, 6, 20, 26], [1, 2, 3, 4, 25]])
     layer.keep_slots(keep)
@@ -180,7 +180,7 @@ def test_pyramid_gives_lower_layers_more(tiny: LoadedModel, budget: str) -> None
     logits = seq.prefill(16)
     for _ in range(20):  # chunks and steps with layers holding different numbers of tokens
         logits = seq.step(sample(logits, SamplingParams(), None))
-    full = [layer for layer in seq.cache.paged_layers if layer.window is None]
+    full = [layer for layer in seq.cache.kv_layers if layer.window is None]
     if len(full) > 1:
         assert full[0].table.num_held > full[-1].table.num_held
     if budget == "12KiB":
@@ -197,8 +197,8 @@ def test_pyramid_chunked_prefill_matches_one_layer_at_a_time(llama: LoadedModel)
     chunked.token_ids = single.token_ids = ids[:100]
     chunked.prefill(8)
     single.prefill(8)
-    assert [layer.table.num_held for layer in chunked.cache.paged_layers] == [
-        layer.table.num_held for layer in single.cache.paged_layers
+    assert [layer.table.num_held for layer in chunked.cache.kv_layers] == [
+        layer.table.num_held for layer in single.cache.kv_layers
     ]
     chunked.token_ids += [120, 121, 122]
     out = chunked.prefill(3, all_logits=True)  # one forward of 3 tokens
@@ -229,7 +229,7 @@ def test_mixed_precision_demotes_instead_of_dropping(tiny: LoadedModel, policy: 
     seq = llm.new_sequence()
     seq.token_ids = list(range(3, 40))
     seq.prefill(4)
-    for layer in seq.cache.paged_layers:
+    for layer in seq.cache.kv_layers:
         if layer.window is not None:
             continue
         assert isinstance(layer, MixedLayer) and layer.ratio >= 1

@@ -44,7 +44,7 @@ def test_eviction_keeps_the_tokens_its_scorer_ranks_highest(llama: LoadedModel, 
     seq.token_ids = list(range(3, 63))
     seq.prefill(16)
     assert not seen
-    layer = seq.cache.paged_layers[0]
+    layer = seq.cache.kv_layers[0]
     before, _ = layer.past().dense()  # [H, T, D]; layer 0's keys identify tokens (token + position)
     keep = 21
     policy.evict(layer, keep)

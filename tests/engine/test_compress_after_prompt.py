@@ -43,7 +43,7 @@ def test_the_prompt_runs_whole_then_is_cut_to_the_budget(llama: LoadedModel) -> 
     # nothing was evicted until the last chunk: the cache grew with the prompt, then was cut
     assert held[:-1] == sorted(held[:-1]) and held[-2] >= _bytes(llama, 160)
     assert held[-1] <= budget
-    for layer in seq.cache.paged_layers:
+    for layer in seq.cache.kv_layers:
         assert layer.held < len(PROMPT)
     for _ in range(60):  # decoding under the budget, at every step
         logits = seq.step(sample(logits, SamplingParams(), None))
@@ -64,7 +64,7 @@ def test_snapkv_after_the_prompt_keeps_what_the_prompt_s_last_queries_attend_to(
     seq = once.new_sequence()
     seq.token_ids = list(PROMPT)
     seq.prefill(32)
-    kept_once = seq.cache.paged_layers[0].past().dense()[0]  # [H, T, D]
+    kept_once = seq.cache.kv_layers[0].past().dense()[0]  # [H, T, D]
     seq.release()
 
     whole = LLM(llama, block_size=BS, prefill_chunk=32)  # the prompt in full, then one eviction
@@ -72,7 +72,7 @@ def test_snapkv_after_the_prompt_keeps_what_the_prompt_s_last_queries_attend_to(
     ref = Sequence(whole.loaded.model, whole.pool, whole.spec, policy)
     ref.token_ids = list(PROMPT)
     ref.prefill(32)
-    layer = ref.cache.paged_layers[0]
+    layer = ref.cache.kv_layers[0]
     policy.evict(layer, kept_once.shape[1])
     torch.testing.assert_close(layer.past().dense()[0], kept_once, rtol=0, atol=1e-6)
     ref.release()
@@ -81,7 +81,7 @@ def test_snapkv_after_the_prompt_keeps_what_the_prompt_s_last_queries_attend_to(
     seq = chunked.new_sequence()
     seq.token_ids = list(PROMPT)
     seq.prefill(32)
-    kept_chunked = seq.cache.paged_layers[0].past().dense()[0]
+    kept_chunked = seq.cache.kv_layers[0].past().dense()[0]
     assert kept_chunked.shape != kept_once.shape or not torch.equal(kept_chunked, kept_once)
     seq.release()
 

@@ -18,7 +18,7 @@ def test_fork_continues_exactly_like_the_original(tiny: LoadedModel, policy: str
     assert branch.pool.bytes_used == branch.pool.physical_nbytes() == seq.cache.nbytes
     for token in (5, 9, 11, 7, 3, 8):  # the branch runs ahead: the original must not notice
         branch_logits = branch.step(token)
-    for layer in seq.cache.paged_layers:
+    for layer in seq.cache.kv_layers:
         layer.check()
     original = [seq.step(t) for t in (5, 9, 11, 7, 3, 8)]
     torch.testing.assert_close(original[-1], branch_logits, rtol=0, atol=0)

@@ -62,7 +62,7 @@ def test_gemma_sliding_layers_hold_only_the_window(gemma3: LoadedModel) -> None:
     sequence.token_ids = long_prompt(gemma3)
     sequence.prefill(512)
     n = len(sequence.token_ids)
-    for layer, window in zip(sequence.cache.paged_layers, gemma3.spec.windows):
+    for layer, window in zip(sequence.cache.kv_layers, gemma3.spec.windows):
         if window is None:
             assert layer.table.num_held == n
         else:

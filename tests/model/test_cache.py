@@ -52,7 +52,7 @@ def test_sliding_layers_hold_only_their_window(gemma: LoadedModel) -> None:
     run_chunks(gemma, cache, 5)
     window = gemma.spec.windows[0]
     assert window is not None
-    for layer, layer_window in zip(cache.paged_layers, gemma.spec.windows):
+    for layer, layer_window in zip(cache.kv_layers, gemma.spec.windows):
         held = layer.table.num_held
         if layer_window is None:
             assert held == PROMPT.shape[1]

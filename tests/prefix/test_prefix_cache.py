@@ -55,11 +55,11 @@ def test_two_live_sequences_hold_a_shared_prefix_once(llama: LoadedModel) -> Non
     reused = second.reuse_prefix()
     assert reused == (len(_ids(llm, DOC)) // 4) * 4
     second.prefill(512)
-    shared_blocks = [layer.table.block_ids[: reused // 4] for layer in second.cache.paged_layers]
-    for layer, ids in zip(first.cache.paged_layers, shared_blocks):
+    shared_blocks = [layer.table.block_ids[: reused // 4] for layer in second.cache.kv_layers]
+    for layer, ids in zip(first.cache.kv_layers, shared_blocks):
         assert layer.table.block_ids[: len(ids)] == ids  # the very same pool blocks
     # held once: the pool grew only by the second sequence's own blocks
-    own = sum(len(layer.table.block_ids) - reused // 4 for layer in second.cache.paged_layers)
+    own = sum(len(layer.table.block_ids) - reused // 4 for layer in second.cache.kv_layers)
     assert llm.pool.bytes_used == alone + own * second.cache.kv_layers[0].stream().block_bytes
     assert llm.pool.bytes_used == llm.pool.physical_nbytes()
     assert all(llm.pool.manager.ref_count(b) == 3 for ids in shared_blocks for b in ids)  # index + 2

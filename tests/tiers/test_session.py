@@ -87,9 +87,9 @@ def test_round_trip_is_exact(
     saved = chatted(make_llm(loaded, policy, budget), TURNS[:2])
     cache = saved.sequence.cache
     if budget is not None:  # the policy has evicted (or demoted) tokens: not a trivial state
-        assert any(layer.held < layer.seq_length for layer in cache.paged_layers)
+        assert any(layer.held < layer.seq_length for layer in cache.kv_layers)
     if model == "gemma":  # a sliding layer has dropped the blocks that left its window
-        assert any(layer.table.start > 0 for layer in cache.paged_layers if layer.window is not None)
+        assert any(layer.table.start > 0 for layer in cache.kv_layers if layer.window is not None)
     path = saved.save(tmp_path / "chat.kvsession")
 
     llm = make_llm(loaded, policy, budget)
@@ -97,7 +97,7 @@ def test_round_trip_is_exact(
     assert_same_state(saved, loaded_session)
     assert llm.pool.bytes_used == loaded_session.kv_bytes == llm.pool.physical_nbytes()
     llm.pool.check_integrity()
-    for layer in loaded_session.sequence.cache.paged_layers:
+    for layer in loaded_session.sequence.cache.kv_layers:
         layer.check()
     if policy is not None and "kivi4" in policy:  # compressed blocks were saved as their bytes
         _, tensors = read_session(path)
@@ -140,7 +140,7 @@ def test_real_model_session_continues_exactly(real: LoadedModel, tmp_path: Path)
     for message in TURNS[:2]:
         never_stopped.send(message, max_new_tokens=12)
     path = never_stopped.save(tmp_path / "real.kvsession")
-    assert any(layer.held < layer.seq_length for layer in never_stopped.sequence.cache.paged_layers)
+    assert any(layer.held < layer.seq_length for layer in never_stopped.sequence.cache.kv_layers)
     resumed = load_chat(LLM(real, **config), path)
     expected = never_stopped.send(TURNS[2], max_new_tokens=12)
     assert resumed.send(TURNS[2], max_new_tokens=12).token_ids == expected.token_ids

@@ -1,4 +1,5 @@
-"""Multi-turn chat whose KV state persists: each turn prefills only its own new tokens."""
+"""Multi-turn chat whose KV state persists: each turn prefills only its own new tokens, and a
+conversation saved to a session file (``kvmem.tiers.session``) resumes without recomputing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from kvmem.engine.result import GenerationResult
 from kvmem.engine.sampling import SamplingParams
+from kvmem.tiers.session import Conversation, SessionOrigin, open_session, restore_session, write_session
 
 if TYPE_CHECKING:
     import os
@@ -100,8 +102,6 @@ class ChatSession:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the conversation and its KV state to ``path``, atomically (``kvmem.tiers.session``);
         ``kvmem.load_chat(llm, path)`` resumes it without recomputing anything."""
-        from kvmem.tiers.session import save_session
-
         return save_session(self, path)
 
     def close(self) -> None:
@@ -112,6 +112,45 @@ class ChatSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def save_session(session: ChatSession, path: str | os.PathLike[str]) -> Path:
+    """Write ``session`` (conversation and KV state) to ``path`` atomically; return the path."""
+    conversation = Conversation(
+        session.messages, session.sequence.token_ids, session.turns, session.cache_salt
+    )
+    return write_session(path, session_origin(session.llm), conversation, session.sequence.cache)
+
+
+def load_chat(llm: LLM, path: str | os.PathLike[str]) -> ChatSession:
+    """A new ``ChatSession`` of ``llm`` holding the saved conversation; its blocks are allocated in
+    ``llm.pool``. Raises ``SessionNotFoundError``, ``CorruptCacheError``, ``SessionMismatchError``
+    or ``KVBudgetError``; on any of them the pool holds what it held before."""
+    saved = open_session(path, session_origin(llm))
+    conversation = saved.conversation
+    session = ChatSession(llm, cache_salt=conversation.cache_salt)
+    try:
+        session.messages, session.turns = conversation.messages, conversation.turns
+        session.sequence.token_ids = conversation.token_ids
+        restore_session(saved, session.sequence.cache, llm.loaded.model.device)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def session_origin(llm: LLM) -> SessionOrigin:
+    """What ``llm`` makes KV state with, as a session file records it (the policy in canonical
+    form: ``kivi4+snapkv`` and ``snapkv+kivi4`` are one policy)."""
+    budget = llm.config.kv_budget
+    return SessionOrigin(
+        model=llm.config.model,
+        identity=llm.loaded.identity,
+        policy=None if llm.policy is None else llm.policy.name,
+        kv_budget=None if budget is None else str(budget),
+        block_size=llm.pool.block_size,
+        dtype=str(llm.spec.dtype).removeprefix("torch."),
+    )
 
 
 def render_chat(

@@ -226,7 +226,7 @@ class LLM:
 
     def load_chat(self, path: str | Path) -> ChatSession:
         """Resume a chat saved with ``ChatSession.save``; nothing is recomputed (``kvmem.tiers.session``)."""
-        from kvmem.tiers.session import load_chat
+        from kvmem.engine.chat import load_chat
 
         return load_chat(self, path)
 

@@ -58,11 +58,6 @@ class KVMemCache(Cache):
         return self.layers  # type: ignore[return-value]
 
     @property
-    def paged_layers(self) -> list[KVLayer]:
-        """The layers (a name kept for callers from before layer kinds)."""
-        return self.kv_layers
-
-    @property
     def num_tokens(self) -> int:
         """Tokens of the sequence the cache has seen (its length)."""
         return self.get_seq_length()

@@ -14,8 +14,9 @@ import torch
 
 from kvmem.kv.pool import KVPool
 from kvmem.model.format import Quantizer, TokenFormat
-from kvmem.model.layers.base import KVLayer, UnsupportedLayerError
+from kvmem.model.layers.base import Kept, KVLayer, LayerParams, UnsupportedLayerError
 from kvmem.model.layers.blocks import BlockList
+from kvmem.model.layers.listed import ListLayer
 from kvmem.model.layers.mixed import MixedLayer
 from kvmem.model.layers.offload import BlockStore, OffloadLayer
 from kvmem.model.layers.paged import PagedLayer
@@ -69,15 +70,12 @@ def build_layer(
     store: BlockStore | None = None,
 ) -> KVLayer:
     options: dict[str, Any] = dict(spec.options)
-    if spec.fmt is not None:
-        options["fmt"] = spec.fmt
-    if spec.residual is not None:
-        options["residual"] = spec.residual
     if spec.needs_store:
         if store is None:
             raise ValueError(f"a {spec.kind} layer needs a block store")
         options["store"] = store
-    return LAYER_KINDS[spec.kind](pool, num_heads, head_dim, dtype, layer_idx, window, device, **options)
+    params = LayerParams(pool, num_heads, head_dim, dtype, layer_idx, window, device, spec.fmt, spec.residual)
+    return LAYER_KINDS[spec.kind](params, **options)
 
 
 __all__ = [
@@ -85,7 +83,10 @@ __all__ = [
     "BlockList",
     "BlockStore",
     "KVLayer",
+    "Kept",
+    "LayerParams",
     "LayerSpec",
+    "ListLayer",
     "MixedLayer",
     "OffloadLayer",
     "PagedLayer",

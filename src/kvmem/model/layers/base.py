@@ -19,19 +19,49 @@ cache (batch size 1) with any model, through ``update``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvmem.errors import KVMemError
 from kvmem.kv.pool import KVPool
+from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers.blocks import BlockList
 from kvmem.model.past import Past
 
 
 class UnsupportedLayerError(KVMemError):
     """A layer kind was asked for something it does not do (evicting from a sliding window, …)."""
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """What every layer kind is built from (its own options come besides): the pool its blocks live
+    in, on ``device``; their shape (``num_heads`` KV heads of ``head_dim`` in ``dtype``); its place
+    in the model (``layer_idx``, a sliding ``window``); the block format of its full blocks (None:
+    full precision) and of the block being filled (``residual``; None: the model's dtype)."""
+
+    pool: KVPool
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    layer_idx: int = 0
+    window: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fmt: Quantizer | None = None
+    residual: TokenFormat | None = None
+
+
+class Kept(NamedTuple):
+    """What an eviction keeps of a layer's scored slots (``KVLayer.keep_slots``' arguments)."""
+
+    chosen: torch.Tensor  # [H, k] scored slots, ascending per head
+    capacity: int | None  # the layer's token capacity, for kinds that need it
+    keys: torch.Tensor | None  # [H, k, D] made of the chosen slots (merging); None: theirs
+    values: torch.Tensor | None
+    need: int  # tokens the next forward adds
 
 
 class KVLayer(CacheLayerMixin, ABC):
@@ -46,24 +76,15 @@ class KVLayer(CacheLayerMixin, ABC):
     is_compileable = False
     is_croppable = False
 
-    def __init__(
-        self,
-        pool: KVPool,
-        num_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        layer_idx: int,
-        window: int | None = None,
-        device: torch.device | None = None,
-    ) -> None:
+    def __init__(self, params: LayerParams) -> None:
         super().__init__()
-        self.pool = pool
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.dtype = dtype
-        self.device = device if device is not None else torch.device("cpu")
-        self.layer_idx = layer_idx
-        self.window = window
-        self.is_sliding = window is not None  # transformers' Cache reads it to pick each mask's layer
+        self.pool = params.pool
+        self.num_heads, self.head_dim = params.num_heads, params.head_dim
+        self.dtype = params.dtype
+        self.device = params.device
+        self.layer_idx = params.layer_idx
+        self.window = params.window
+        self.is_sliding = params.window is not None  # transformers' Cache reads it to pick each mask's layer
         # What compression scorers read, kept by ``kvmem.compress.observe.Observer``.
         self.scaling: float | None = None  # the attention's softmax scale, once observed
         self.recent_queries: torch.Tensor | None = None  # [Hq, w, D]
@@ -150,6 +171,10 @@ class KVLayer(CacheLayerMixin, ABC):
         ``kept_values`` ([H, k, D]) made of them (merging); what happens to the rest is the kind's
         (freed, or demoted). ``capacity``: the layer's token capacity, for kinds that need it;
         ``need``: tokens the next forward adds (mixed precision leaves their room)."""
+        self.evict(Kept(chosen, capacity, kept_keys, kept_values, need))
+
+    def evict(self, kept: Kept) -> None:
+        """``keep_slots``, as this kind does it (kinds that are not evicted from refuse)."""
         raise UnsupportedLayerError(f"a {self.kind} layer is not evicted from")
 
     def capacity_for(self, capacity: int, need: int) -> int:

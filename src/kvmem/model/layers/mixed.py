@@ -17,55 +17,43 @@ low blocks would overflow are the oldest low blocks dropped.
 
 from __future__ import annotations
 
-import copy
 from typing import ClassVar
 
 import torch
 
 from kvmem.kv.pool import KVPool
-from kvmem.model.format import Quantizer, TokenFormat
-from kvmem.model.layers.base import KVLayer
+from kvmem.model.format import Quantizer
+from kvmem.model.layers.base import Kept, LayerParams
 from kvmem.model.layers.blocks import BlockList
+from kvmem.model.layers.listed import ListLayer
 from kvmem.model.past import Past, dense_ref
 
 
-class MixedLayer(KVLayer):
+class MixedLayer(ListLayer):
     """``held`` counts the high-precision tokens (what a layer budget's capacity counts); ``low``
     may hold ``ratio`` times that capacity besides."""
 
     kind: ClassVar[str] = "mixed"
 
-    def __init__(
-        self,
-        pool: KVPool,
-        num_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        layer_idx: int = 0,
-        window: int | None = None,
-        device: torch.device | None = None,
-        fmt: Quantizer | None = None,
-        low: Quantizer | None = None,
-        low_share: float = 0.5,
-        residual: TokenFormat | None = None,
-    ) -> None:
-        assert window is None and low is not None, (
+    def __init__(self, params: LayerParams, low: Quantizer | None = None, low_share: float = 0.5) -> None:
+        assert params.window is None and low is not None, (
             "mixed precision is for full-attention layers, with a low format"
         )
-        super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
-        self.high = BlockList(pool, num_heads, head_dim, dtype, fmt, None, self.device, residual=residual)
-        self.low = BlockList(pool, num_heads, head_dim, dtype, low, None, self.device, whole=True)
+        super().__init__(params)
+        p = params
+        self.low = BlockList(p.pool, p.num_heads, p.head_dim, p.dtype, low, None, self.device, whole=True)
         # low-precision tokens per high-precision token, so that `low_share` of the bytes go low
         high_block = self.high.cost_of_blocks(2) - self.high.cost_of_blocks(1)
         low_block = self.low.cost_of_blocks(2) - self.low.cost_of_blocks(1)
         self.ratio = max(1, round(high_block / low_block * low_share / (1 - low_share)))
 
+    @property
+    def high(self) -> BlockList:
+        """The important tokens, at the layer's own precision (``blocks``)."""
+        return self.blocks
+
     def parts(self) -> dict[str, BlockList]:
         return {".high": self.high, ".low": self.low}
-
-    @property
-    def held(self) -> int:
-        return self.high.held
 
     @property
     def num_low(self) -> int:
@@ -74,13 +62,6 @@ class MixedLayer(KVLayer):
     @property
     def tokens_held(self) -> int:
         return self.high.held + self.low.held
-
-    @property
-    def seq_length(self) -> int:
-        return self.high.length
-
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.high.append(k, v)
 
     def past(self) -> Past:
         high = self.high.past()
@@ -137,21 +118,15 @@ class MixedLayer(KVLayer):
     def max_bytes_to_grow(self, n: int) -> int:
         return self.high.max_bytes_to_grow(n) + self.low.nbytes
 
-    def keep_slots(
-        self,
-        chosen: torch.Tensor,
-        capacity: int | None = None,
-        kept_keys: torch.Tensor | None = None,
-        kept_values: torch.Tensor | None = None,
-        need: int = 0,
-    ) -> None:
+    def evict(self, kept: Kept) -> None:
         """Keep ``chosen`` at high precision and demote the rest to ``low``, within the room of
         ``capacity`` left once ``need`` more tokens arrive (``split``)."""
-        if capacity is None or kept_keys is not None or kept_values is not None:
+        if kept.capacity is None or kept.keys is not None or kept.values is not None:
             raise NotImplementedError(
                 "a mixed-precision layer demotes within a fixed capacity, without merging"
             )
-        self.demote(chosen, self.split(capacity, self.held + self.num_low + need, need)[1])
+        low_capacity = self.split(kept.capacity, self.held + self.num_low + kept.need, kept.need)[1]
+        self.demote(kept.chosen, low_capacity)
 
     @torch.inference_mode()
     def demote(self, keep: torch.Tensor, low_capacity: int) -> None:
@@ -186,8 +161,6 @@ class MixedLayer(KVLayer):
         return t + query_length, self.seq_length - t
 
     def copy_to(self, pool: KVPool) -> MixedLayer:
-        new = copy.copy(self)
-        new.pool = pool
-        new.high, new.low = self.high.copy_to(pool), self.low.copy_to(pool)
-        self._copy_state(new)
+        new = super().copy_to(pool)
+        new.low = self.low.copy_to(pool)
         return new

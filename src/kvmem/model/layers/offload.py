@@ -15,7 +15,6 @@ block cost the format's bytes, not the model dtype's.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections import OrderedDict
 from typing import ClassVar, Protocol
@@ -24,11 +23,8 @@ import torch
 
 from kvmem.errors import CorruptCacheError, KVBudgetError
 from kvmem.kv.pool import KVPool
-from kvmem.kv.table import BlockTable
-from kvmem.model.format import Quantizer, TokenFormat
-from kvmem.model.layers.base import KVLayer
-from kvmem.model.layers.blocks import BlockList
-from kvmem.model.past import Past
+from kvmem.model.layers.base import LayerParams
+from kvmem.model.layers.listed import ListLayer
 
 # What makes an offloading layer fit: its floor is whole blocks (sinks, recent, the one being
 # filled, one fetched) whatever the context; only the summaries grow with it (1.6% of a block each).
@@ -79,30 +75,19 @@ def quest_bounds(query: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
     return bound.amax(dim=(1, 2))
 
 
-class OffloadLayer(KVLayer):
+class OffloadLayer(ListLayer):
     """``sinks`` leading and ``recent`` trailing full blocks (plus the partly filled one) stay in
     RAM; after each forward every other block goes to ``store``, leaving its Quest summary."""
 
     kind: ClassVar[str] = "offload"
 
     def __init__(
-        self,
-        pool: KVPool,
-        num_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        layer_idx: int = 0,
-        window: int | None = None,
-        device: torch.device | None = None,
-        store: BlockStore | None = None,
-        sinks: int = 1,
-        recent: int = 2,
-        fmt: Quantizer | None = None,
-        residual: TokenFormat | None = None,
+        self, params: LayerParams, store: BlockStore | None = None, sinks: int = 1, recent: int = 2
     ) -> None:
-        assert window is None and store is not None, "offload is for full-attention layers, given a store"
-        super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
-        self.blocks = BlockList(pool, num_heads, head_dim, dtype, fmt, None, self.device, residual=residual)
+        assert params.window is None and store is not None, (
+            "offload is for full-attention layers, given a store"
+        )
+        super().__init__(params)
         self.store = store
         self.sinks, self.recent = sinks, recent
         self.room: int | None = None  # bytes this layer may hold in RAM (None: no limit)
@@ -111,21 +96,6 @@ class OffloadLayer(KVLayer):
         self._summaries: list[int] = []  # pool blocks of [2, H, D] float32: key minimum and maximum
         self._fetched: OrderedDict[int, int] = OrderedDict()  # offloaded index -> pool block, LRU first
         self.reads = 0  # blocks read back from the store
-
-    @property
-    def table(self) -> BlockTable:
-        return self.blocks.table
-
-    def parts(self) -> dict[str, BlockList]:
-        return {"": self.blocks}
-
-    @property
-    def held(self) -> int:
-        return self.blocks.held
-
-    @property
-    def seq_length(self) -> int:
-        return self.blocks.length
 
     @property
     def resident_blocks(self) -> int:
@@ -166,21 +136,6 @@ class OffloadLayer(KVLayer):
             + sum(size(b) for b in self._summaries)
             + sum(size(b) for b in self._fetched.values())
         )
-
-    def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.blocks.append(k, v)
-
-    def past(self) -> Past:
-        return self.blocks.past()
-
-    def cost_of_blocks(self, n: int) -> int:
-        return self.blocks.cost_of_blocks(n)
-
-    def bytes_to_append(self, q: int) -> tuple[int, int]:
-        return self.blocks.bytes_to_append(q)
-
-    def max_bytes_to_grow(self, n: int) -> int:
-        return self.blocks.max_bytes_to_grow(n)
 
     def set_room(self, room: int | None) -> None:
         self.room = room
@@ -296,9 +251,7 @@ class OffloadLayer(KVLayer):
         assert all(0 <= i < len(self._files) for i in self._fetched)
 
     def copy_to(self, pool: KVPool) -> OffloadLayer:
-        new = copy.copy(self)
-        new.pool = pool
-        new.blocks = self.blocks.copy_to(pool)
+        new = super().copy_to(pool)
         new._tag = torch.randint(0, 2**62, (1,)).item()
         new._files = list(self._files)  # the files never change: shared through the store (the cache
         # counts its users)
@@ -308,7 +261,6 @@ class OffloadLayer(KVLayer):
             pool.tensor(copy_id).copy_(self.pool.tensor(summary))
             new._summaries.append(copy_id)
         new._fetched = OrderedDict()  # fetched again as needed
-        self._copy_state(new)
         return new
 
     def release(self) -> None:

@@ -19,8 +19,7 @@ from typing import ClassVar
 import torch
 
 from kvmem.kv.pool import KVPool
-from kvmem.model.format import Quantizer, TokenFormat
-from kvmem.model.layers.base import KVLayer
+from kvmem.model.layers.base import Kept, KVLayer, LayerParams
 from kvmem.model.layers.blocks import BlockList
 from kvmem.model.past import Past, dense_ref
 
@@ -30,23 +29,13 @@ class PerHeadLayer(KVLayer):
 
     kind: ClassVar[str] = "perhead"
 
-    def __init__(
-        self,
-        pool: KVPool,
-        num_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        layer_idx: int = 0,
-        window: int | None = None,
-        device: torch.device | None = None,
-        fmt: Quantizer | None = None,
-        residual: TokenFormat | None = None,
-    ) -> None:
-        assert window is None, "per-head budgets are for full-attention layers"
-        super().__init__(pool, num_heads, head_dim, dtype, layer_idx, window, device)
+    def __init__(self, params: LayerParams) -> None:
+        assert params.window is None, "per-head budgets are for full-attention layers"
+        super().__init__(params)
+        p = params
         self.heads = [
-            BlockList(pool, 1, head_dim, dtype, fmt, None, self.device, residual=residual)
-            for _ in range(num_heads)
+            BlockList(p.pool, 1, p.head_dim, p.dtype, p.fmt, None, self.device, residual=p.residual)
+            for _ in range(p.num_heads)
         ]
 
     def parts(self) -> dict[str, BlockList]:
@@ -125,19 +114,12 @@ class PerHeadLayer(KVLayer):
     def max_bytes_to_grow(self, n: int) -> int:
         return sum(head.max_bytes_to_grow(n) for head in self.heads)
 
-    def keep_slots(
-        self,
-        chosen: torch.Tensor,
-        capacity: int | None = None,
-        kept_keys: torch.Tensor | None = None,
-        kept_values: torch.Tensor | None = None,
-        need: int = 0,
-    ) -> None:
+    def evict(self, kept: Kept) -> None:
         """Keep the gathered slots ``chosen`` ([H, k], ascending per head; padding never chosen)."""
-        if kept_keys is not None or kept_values is not None:
+        if kept.keys is not None or kept.values is not None:
             raise NotImplementedError("merging into a per-head layer is not supported")
         mask = torch.zeros(self.valid().shape, dtype=torch.bool, device=self.device)
-        mask.scatter_(1, chosen, True)
+        mask.scatter_(1, kept.chosen, True)
         self.keep_mask(mask)
 
     @torch.inference_mode()

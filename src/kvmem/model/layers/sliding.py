@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from kvmem.model.layers.base import UnsupportedLayerError
+from kvmem.model.layers.base import Kept, UnsupportedLayerError
 from kvmem.model.layers.paged import PagedLayer
 from kvmem.model.past import Past
 
@@ -32,12 +32,5 @@ class SlidingLayer(PagedLayer):
     def scoring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         raise UnsupportedLayerError("sliding-window layers are bounded by their window, not evicted from")
 
-    def keep_slots(
-        self,
-        chosen: torch.Tensor,
-        capacity: int | None = None,
-        kept_keys: torch.Tensor | None = None,
-        kept_values: torch.Tensor | None = None,
-        need: int = 0,
-    ) -> None:
+    def evict(self, kept: Kept) -> None:
         raise UnsupportedLayerError("sliding-window layers are bounded by their window, not evicted from")
