@@ -99,8 +99,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def usable(pasts: Sequence[Past], query: torch.Tensor) -> tuple[int, ...] | None:
-    """The KIVI geometry to pass (zeros when no block is quantized) if the kernel can serve these
-    pasts for ``query``; None when attention must take the PyTorch path."""
+    """The block geometry to pass (``Layout.kernel_geometry``; zeros when no block is quantized) if
+    the kernel can serve these pasts for ``query``; None when attention must take the PyTorch path."""
     if _switched_off or query.device.type != "cpu" or query.dtype not in _DTYPES:
         return None
     geometry: tuple[int, ...] | None = None
@@ -108,7 +108,7 @@ def usable(pasts: Sequence[Past], query: torch.Tensor) -> tuple[int, ...] | None
         if past.valid is not None:
             return None
         if past.packed:
-            found = getattr(past.layout, "kernel_geometry", None)
+            found = past.layout.kernel_geometry  # None: a format the kernel does not read
             if found is None or (geometry is not None and found != geometry):
                 return None
             geometry = found
@@ -141,7 +141,7 @@ def decode(
         segments += past.refs
     row_table = torch.tensor(rows, dtype=torch.int64)  # [B, 4]
     seg_table = torch.tensor(segments or [(PACKED, 0, 0, 0, 0)], dtype=torch.int64)  # [S, 5]
-    kivi = (ctypes.c_int * 5)(*geometry)
+    block_geometry = (ctypes.c_int * 5)(*geometry)
     q, nk, nv = query.contiguous(), new_keys.contiguous(), new_values.contiguous()
     out = torch.empty_like(q)
     fn = getattr(lib, _DTYPES[query.dtype])
@@ -156,7 +156,7 @@ def decode(
         nv.data_ptr(),
         row_table.data_ptr(),
         seg_table.data_ptr(),
-        kivi,
+        block_geometry,
         torch.get_num_threads(),
         out.data_ptr(),
     )
