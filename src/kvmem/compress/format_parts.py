@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmem.compress.bits import describe_bits
-from kvmem.compress.formats import QUANTIZERS, RESIDUALS, find_quantizer
-from kvmem.compress.part import Part, UnknownPolicyError
+from kvmem.compress.formats import QUANTIZERS, RESIDUALS, find_quantizer, prefixed_format
+from kvmem.compress.part import Part
 from kvmem.compress.residual import parse_residual
 from kvmem.model.format import Quantizer, TokenFormat
 
@@ -50,12 +50,8 @@ class Sliding(Part):
 
     @classmethod
     def parse(cls, word: str) -> Sliding | None:
-        if not word.startswith(SLIDING + "-"):
-            return None
-        fmt = find_quantizer(word.removeprefix(SLIDING + "-"))
-        if fmt is None:
-            raise UnknownPolicyError(f"{word!r} names no block format (sliding-rotk3v2, sliding-kivi2, …)")
-        return cls(fmt)
+        fmt = prefixed_format(word, SLIDING, "sliding-rotk3v2, sliding-kivi2, …")
+        return None if fmt is None else cls(fmt)
 
     @classmethod
     def rows(cls) -> list[tuple[str, str]]:

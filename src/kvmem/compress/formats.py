@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from kvmem.compress.bfp import BlockFloat
 from kvmem.compress.kivi import KIVI
+from kvmem.compress.part import UnknownPolicyError
 from kvmem.compress.residual import RotatedTokens
 from kvmem.compress.rotated import RotatedQuant, parse_rotated
 from kvmem.model.format import Quantizer
@@ -40,3 +41,14 @@ RESIDUALS = {r.name: r for r in (RotatedTokens(8), RotatedTokens(4))}
 def find_quantizer(name: str) -> Quantizer | None:
     """A registered quantizer, or a rotated one of any widths (``rotk4v3``, ``rotu2``); else None."""
     return QUANTIZERS.get(name) or parse_rotated(name)
+
+
+def prefixed_format(word: str, prefix: str, examples: str) -> Quantizer | None:
+    """The format ``<prefix>-<format>`` names (``sliding-rot2``); None if ``word`` is not so prefixed.
+    Raises ``UnknownPolicyError`` if what follows names no format."""
+    if not word.startswith(prefix + "-"):
+        return None
+    fmt = find_quantizer(word.removeprefix(prefix + "-"))
+    if fmt is None:
+        raise UnknownPolicyError(f"{word!r} names no block format ({examples})")
+    return fmt

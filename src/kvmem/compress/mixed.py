@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from kvmem.compress.formats import find_quantizer
+from kvmem.compress.formats import prefixed_format
 from kvmem.compress.kivi import KIVI
-from kvmem.compress.part import Part, UnknownPolicyError
+from kvmem.compress.part import Part
 from kvmem.errors import InvalidBudgetError
 from kvmem.model.format import Quantizer, TokenFormat
 from kvmem.model.layers import LayerSpec
@@ -62,12 +62,8 @@ class MixedPrecision(Part):
     def parse(cls, word: str) -> MixedPrecision | None:
         if word == NAME:
             return cls()
-        if not word.startswith(NAME + "-"):
-            return None
-        low = find_quantizer(word.removeprefix(NAME + "-"))
-        if low is None:
-            raise UnknownPolicyError(f"{word!r} names no block format (mixed-kivi2, mixed-rot2, …)")
-        return cls(low)
+        low = prefixed_format(word, NAME, "mixed-kivi2, mixed-rot2, …")
+        return None if low is None else cls(low)
 
     @classmethod
     def rows(cls) -> list[tuple[str, str]]:
