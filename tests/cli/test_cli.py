@@ -180,8 +180,8 @@ def test_policies_lists_every_registered_policy() -> None:
         "adakv",
         "mixed",
         "merge",
-        "sliding-<format>",
         *QUANTIZERS,
+        "sliding-<format>",
         *RESIDUALS,
         "offload",
     ]

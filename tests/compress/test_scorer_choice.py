@@ -39,7 +39,7 @@ def _recording(cls: type[Scorer], seen: list[torch.Tensor]) -> Scorer:
 def test_eviction_keeps_the_tokens_its_scorer_ranks_highest(llama: LoadedModel, name: str) -> None:
     seen: list[torch.Tensor] = []
     llm = LLM(llama, block_size=4)
-    policy = Policy(_recording(SCORERS[name], seen), KVBudget.parse("100%"))  # 100%: nothing evicted yet
+    policy = Policy((_recording(SCORERS[name], seen),), KVBudget.parse("100%"))  # 100%: nothing evicted yet
     seq = Sequence(llm.loaded.model, llm.pool, llm.spec, policy)
     seq.token_ids = list(range(3, 63))
     seq.prefill(16)

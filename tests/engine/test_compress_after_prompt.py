@@ -68,7 +68,7 @@ def test_snapkv_after_the_prompt_keeps_what_the_prompt_s_last_queries_attend_to(
     seq.release()
 
     whole = LLM(llama, block_size=BS, prefill_chunk=32)  # the prompt in full, then one eviction
-    policy = Policy(make_policy("snapkv", KVBudget.parse(budget)).scorer, KVBudget.parse("100%"))
+    policy = Policy(make_policy("snapkv", KVBudget.parse(budget)).parts, KVBudget.parse("100%"))
     ref = Sequence(whole.loaded.model, whole.pool, whole.spec, policy)
     ref.token_ids = list(PROMPT)
     ref.prefill(32)

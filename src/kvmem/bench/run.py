@@ -72,7 +72,7 @@ def can_evict(method: str) -> bool:
     if is_kvpress(method):  # kvpress peer: every press takes a compression ratio
         return True
     policy = make_policy(split_method(method)[0], KVBudget.parse("1GiB"))
-    return policy.scorer is not None or policy.offload is not None
+    return policy.bounds
 
 
 def plan(config: BenchConfig) -> list[tuple[str, float | None]]:

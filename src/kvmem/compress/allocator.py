@@ -9,17 +9,20 @@ from typing import ClassVar
 
 import torch
 
+from kvmem.compress.part import Part
 from kvmem.compress.scorer import recent_attention
 from kvmem.model.layers import KVLayer
 
 
-class Allocator(ABC):
+class Allocator(Part, ABC):
     """Gives each full-attention layer (bottom to top) a share of the budget. Reads the layers;
     changes nothing. ``query_window > 0`` asks the engine to remember recent queries per layer."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     query_window: ClassVar[int] = 0
+    slot = "allocator"
+    needs = ("scorer",)
 
     @abstractmethod
     def weights(self, layers: Sequence[KVLayer]) -> list[float] | None:
@@ -30,6 +33,11 @@ class Allocator(ABC):
 class Uniform(Allocator):
     name = "uniform"
     summary = "every layer the same budget (the default)"
+    implied = True
+
+    @classmethod
+    def rows(cls) -> list[tuple[str, str]]:
+        return []  # the default: not listed
 
     def weights(self, layers: Sequence[KVLayer]) -> list[float]:
         return [1.0] * len(layers)

@@ -39,13 +39,13 @@ import torch
 
 from kvmem.compress.packing import pack, packed_size, unpack
 from kvmem.errors import KVMemError
-from kvmem.model.format import write_parts
+from kvmem.model.format import Layout, write_parts
 
 EXPONENT_RANGE = 127  # exponents are int8, clamped to [-127, 127]
 
 
 @dataclass(eq=False)
-class BFPLayout:
+class BFPLayout(Layout):
     """Where each part of a BFP block sits in its byte buffer, and the layer's key permutation.
 
     Not frozen, unlike KIVI's layout: ``PagedLayer`` makes one layout per layer and passes it to
@@ -76,6 +76,20 @@ class BFPLayout:
     @property
     def nbytes(self) -> int:
         return self.permutation_bytes + 2 * self.exponents + 2 * self.mantissas
+
+    @property
+    def layer_state(self) -> bool:
+        return self.reorder
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {} if self.permutation is None else {"permutation": self.permutation}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = set(state) - ({"permutation"} if self.reorder else set())
+        if unknown:
+            raise ValueError(f"a BFP layout holds no {sorted(unknown)}")
+        if "permutation" in state:
+            self.permutation = state["permutation"]
 
 
 def channel_order(keys: torch.Tensor) -> torch.Tensor:

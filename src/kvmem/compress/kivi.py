@@ -19,13 +19,13 @@ import torch
 from kvmem.compress.groupquant import QuantizedTensor, dequantize, quantize
 from kvmem.compress.packing import packed_size
 from kvmem.errors import KVMemError
-from kvmem.model.format import write_parts
+from kvmem.model.format import Layout, write_parts
 
 KIVI_BITS = (2, 4, 8)  # the widths kvmem's compiled decode attention reads in place
 
 
 @dataclass(frozen=True)
-class BlockLayout:
+class BlockLayout(Layout):
     """Where each part of a quantized block sits in its byte buffer."""
 
     heads: int
@@ -64,7 +64,7 @@ class BlockLayout:
         return 2 * 2 * (self.key_stats + self.value_stats) + self.key_codes + self.value_codes
 
     @property
-    def kernel_geometry(self) -> tuple[int, int, int, int, int]:
+    def kernel_geometry(self) -> tuple[int, int, int, int, int]:  # KIVI_BITS only: the kernel reads them all
         """What kvmem's compiled attention needs to decode this layout in place (``kvmem.model.kernel``):
         heads, block size, bits, key group, value group."""
         return (self.heads, self.block_size, self.bits, self.key_group, self.value_group)

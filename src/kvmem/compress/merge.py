@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvmem.compress.part import Part
+
 
 @dataclass(frozen=True)
-class Merge:
+class Merge(Part):
     """Each evicted token joins the kept token of the same head whose key is most similar (cosine),
     if the similarity reaches ``threshold``: the kept key and value become the similarity-weighted
     average of the kept token and the tokens merged into it. Simplified from D2O (Wan et al., 2024),
@@ -16,6 +18,9 @@ class Merge:
 
     name = "merge"
     summary = "merge evicted tokens into their most similar kept token (D2O-style)"
+    slot = "merge"
+    shares_prefix = False
+    needs = ("scorer",)
     threshold: float = 0.5
 
     def apply(

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from kvmem.compress.formats import prefixed_format
 from kvmem.compress.kivi import KIVI
-from kvmem.model.format import Quantizer
+from kvmem.compress.part import Part
+from kvmem.errors import InvalidBudgetError
+from kvmem.model.format import Quantizer, TokenFormat
+from kvmem.model.layers import LayerSpec
+
+if TYPE_CHECKING:
+    from kvmem.compress.policy import Policy
 
 NAME = "mixed"
 
 
 @dataclass(frozen=True)
-class MixedPrecision:
+class MixedPrecision(Part):
     """ "No Token Left Behind" (MiKV, Yang et al., 2024): the tokens an eviction scorer ranks
     lowest are not dropped but demoted to a low-precision store (KIVI 2-bit by default), so
     attention still sees an approximation of them; the important ones stay at full (or the
@@ -36,13 +43,38 @@ class MixedPrecision:
     summary: ClassVar[str] = (
         "MiKV: tokens ranked low are kept at 2 bits instead of evicted (mixed-<format>: at that format)"
     )
+    slot = "mixed"
+    shares_prefix = False
+    needs = ("scorer",)
+    excludes = ("heads", "merge")
     low: Quantizer = field(default_factory=lambda: KIVI(2))
     low_share: float = 0.5
 
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # type: ignore[override]  # named by its low format
         return NAME if self.low == KIVI(2) else f"{NAME}-{self.low.name}"
 
     def __post_init__(self) -> None:
         if not 0 < self.low_share < 1:
             raise ValueError(f"low_share must be within (0, 1), got {self.low_share}")
+
+    @classmethod
+    def parse(cls, word: str) -> MixedPrecision | None:
+        if word == NAME:
+            return cls()
+        low = prefixed_format(word, NAME, "mixed-kivi2, mixed-rot2, …")
+        return None if low is None else cls(low)
+
+    @classmethod
+    def rows(cls) -> list[tuple[str, str]]:
+        return [(NAME, cls.summary)]
+
+    def check(self, policy: Policy) -> None:
+        if policy.budget.bytes is None and policy.budget.tokens is None:
+            raise InvalidBudgetError(
+                "mixed precision needs a KV budget in bytes or tokens (a % budget counts tokens, "
+                "and mixed precision keeps them all at one precision or another)"
+            )
+
+    def layer_spec(self, fmt: Quantizer | None, residual: TokenFormat | None) -> LayerSpec:
+        return LayerSpec("mixed", fmt, (("low", self.low), ("low_share", self.low_share)), residual)

@@ -32,25 +32,47 @@ a request beyond that is refused up front with ``KVBudgetError``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from kvmem.compress.part import Part
+from kvmem.errors import InvalidBudgetError
+from kvmem.model.format import Quantizer, TokenFormat
+from kvmem.model.layers import LayerSpec
 from kvmem.model.layers.offload import quest_bounds
+
+if TYPE_CHECKING:
+    from kvmem.compress.policy import Policy
 
 __all__ = ["Offload", "quest_bounds"]
 
 
 @dataclass(frozen=True)
-class Offload:
+class Offload(Part):
     name: ClassVar[str] = "offload"
     summary: ClassVar[str] = (
         "offloaded retrieval: old blocks on disk, Quest key bounds in RAM, the most relevant fetched back"
     )
+    slot: ClassVar[str] = "offload"
+    bounds: ClassVar[bool] = True
+    shares_prefix: ClassVar[bool] = False  # its blocks live in a folder of the running process
+    excludes: ClassVar[tuple[str, ...]] = ("scorer", "allocator", "heads", "mixed", "merge")
     sinks: int = 1  # leading blocks always resident
     recent: int = 2  # trailing full blocks always resident (plus the partly filled one)
 
     def __post_init__(self) -> None:
         if self.sinks < 0 or self.recent < 1:
             raise ValueError("offload needs sinks >= 0 and recent >= 1 blocks")
+
+    def excluded(self, slots: list[str]) -> str:
+        examples = "offload+rotk4v2+res8, offload+rotk4v2+sliding-rot2+res6"
+        return f"offload combines with block formats only ({examples})"
+
+    def check(self, policy: Policy) -> None:
+        if policy.budget.bytes is None:
+            raise InvalidBudgetError("offload needs a KV budget in bytes: the RAM its layers may hold")
+
+    def layer_spec(self, fmt: Quantizer | None, residual: TokenFormat | None) -> LayerSpec:
+        return LayerSpec("offload", fmt, (("sinks", self.sinks), ("recent", self.recent)), residual)
 
     def chunk(self, block_size: int) -> int:
         """Tokens per forward: a prefill chunk adds at most ``recent`` blocks before offloading."""

@@ -13,16 +13,19 @@ physical: kept tokens move to the front of the layer's blocks and the rest are f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from kvmem.compress.allocator import Allocator, Uniform
 from kvmem.compress.budget import KVBudget
+from kvmem.compress.format_parts import SLIDING, Quant, Residual, Sliding
 from kvmem.compress.heads import AdaKV
 from kvmem.compress.merge import Merge
 from kvmem.compress.mixed import MixedPrecision
 from kvmem.compress.offload import Offload
+from kvmem.compress.part import Part, UnknownPolicyError
 from kvmem.compress.scorer import ScoreInputs, Scorer
 from kvmem.errors import InvalidBudgetError, KVBudgetError
 from kvmem.model.cache import KVMemCache
@@ -31,10 +34,14 @@ from kvmem.model.layers import KVLayer, LayerSpec, UnsupportedLayerError, defaul
 from kvmem.model.layers.offload import FLOOR_ADVICE
 from kvmem.model.spec import ModelSpec
 
+P = TypeVar("P", bound=Part)
+
 
 @dataclass(frozen=True)
 class Policy:
-    """An eviction scorer, a quantizer, or both (``snapkv+kivi4``), under a budget.
+    """Parts (``kvmem.compress.part``: an eviction scorer, a quantizer, or both, ``snapkv+kivi4``,
+    and what goes with them) under a budget. ``parts`` are in the order of their names; a slot's
+    part is read as ``scorer``, ``quant``, … (None where empty).
 
     With no scorer nothing is evicted: the budget then refuses requests that do not fit, as
     without a policy, but counts the quantized block sizes.
@@ -54,62 +61,99 @@ class Policy:
     ones), so the full-attention layers can keep more bits than the local ones.
     """
 
-    scorer: Scorer | None
+    parts: tuple[Part, ...]
     budget: KVBudget
-    quant: Quantizer | None = None
-    allocator: Allocator = field(default_factory=Uniform)
-    merge: Merge | None = None
-    heads: AdaKV | None = None
-    mixed: MixedPrecision | None = None
-    offload: Offload | None = None
     after_prompt: bool = False
-    residual: TokenFormat | None = None
-    sliding: Quantizer | None = None
 
     def __post_init__(self) -> None:
-        if self.residual is not None and self.quant is None and self.sliding is None:
-            raise ValueError(
-                f"{self.residual.name} holds the block being filled at low bits; it needs a block "
-                "format for the full blocks (rotk4v2+res8, kivi4+res8, …)"
+        # the rules of each part are its own (``Part.needs``, ``excludes``, ``check``); these are the policy's
+        slots = [part.slot for part in self.parts]
+        if not slots:
+            raise UnknownPolicyError("a policy needs an eviction scorer, a quantizer, or both")
+        if len(set(slots)) < len(slots):
+            raise UnknownPolicyError(
+                f"policy {self.name!r}: combine at most one eviction method, one layer allocation, one head "
+                "allocation, merging, one quantizer, one for sliding layers and one residual format"
             )
-        if self.after_prompt and self.scorer is None:
+        filled = set(slots)
+        for part in self.parts:
+            clash = [slot for slot in part.excludes if slot in filled]
+            if clash:
+                raise UnknownPolicyError(f"policy {self.name!r}: {part.excluded(clash)}")
+        for part in self.parts:
+            if part.needs and not filled.intersection(part.needs):
+                raise UnknownPolicyError(f"policy {self.name!r}: {part.unmet()}")
+        for part in self.parts:
+            part.check(self)
+        if self.after_prompt and not self.evicts:
             raise ValueError("compressing after the prompt needs an eviction method (snapkv, h2o, …)")
-        if self.offload is not None:
-            others = (self.scorer, self.merge, self.heads, self.mixed)
-            if any(part is not None for part in others) or not isinstance(self.allocator, Uniform):
-                raise ValueError("offload combines with block formats only (quantizer, sliding, residual)")
-            if self.budget.bytes is None:
-                raise InvalidBudgetError("offload needs a KV budget in bytes: the RAM its layers may hold")
-            return
-        if self.scorer is None and self.quant is None and self.sliding is None:
-            raise ValueError("a policy needs an eviction scorer, a quantizer, or both")
-        if self.heads is not None and (self.scorer is None or not self.scorer.per_head):
-            why = "it needs an eviction method" if self.scorer is None else "its scorer scores heads alike"
-            raise ValueError(f"{self.heads.name} shares a layer's budget among heads by their scores; {why}")
-        if self.heads is not None and self.merge is not None:
-            raise ValueError(f"{self.heads.name} cannot be combined with merging")
-        if self.mixed is not None:
-            if self.scorer is None or self.heads is not None or self.merge is not None:
-                raise ValueError("mixed precision needs an eviction method, and no adakv or merging")
-            if self.budget.bytes is None and self.budget.tokens is None:
-                raise InvalidBudgetError(
-                    "mixed precision needs a KV budget in bytes or tokens (a % budget counts tokens, "
-                    "and mixed precision keeps them all at one precision or another)"
-                )
-        if self.scorer is None and (self.budget.fraction is not None or self.budget.tokens is not None):
+        if not self.evicts and (self.budget.fraction is not None or self.budget.tokens is not None):
             raise InvalidBudgetError(
                 "a KV budget in % or tokens needs an eviction method (quantization alone cannot drop tokens)"
             )
+        # a part that means its slot's default (``uniform``) is dropped: ``snapkv+uniform`` == ``snapkv``
+        object.__setattr__(self, "parts", tuple(part for part in self.parts if not part.implied))
+
+    def _find(self, kind: type[P]) -> P | None:
+        return next((part for part in self.parts if isinstance(part, kind)), None)
 
     @property
     def name(self) -> str:
-        allocator = None if isinstance(self.allocator, Uniform) else self.allocator
-        parts = (self.scorer, allocator, self.heads, self.mixed, self.merge, self.quant)
-        names = [part.name for part in parts if part is not None]
-        if self.sliding is not None:
-            names.append(f"{SLIDING}-{self.sliding.name}")
-        names += [part.name for part in (self.residual, self.offload) if part is not None]
-        return "+".join(names)
+        return "+".join(part.name for part in self.parts if not part.implied)
+
+    @property
+    def evicts(self) -> bool:
+        """Whether a part drops tokens (an eviction scorer): layers then have capacities."""
+        return any(part.evicts for part in self.parts)
+
+    @property
+    def bounds(self) -> bool:
+        """Whether a part keeps a sequence within a byte budget (evicting, offloading)."""
+        return any(part.bounds for part in self.parts)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether blocks made under this policy hold exactly their prefix's tokens, to be shared."""
+        return all(part.shares_prefix for part in self.parts)
+
+    @property
+    def scorer(self) -> Scorer | None:
+        return next((part for part in self.parts if isinstance(part, Scorer)), None)
+
+    @property
+    def allocator(self) -> Allocator:
+        return next((part for part in self.parts if isinstance(part, Allocator)), Uniform())
+
+    @property
+    def heads(self) -> AdaKV | None:
+        return self._find(AdaKV)
+
+    @property
+    def mixed(self) -> MixedPrecision | None:
+        return self._find(MixedPrecision)
+
+    @property
+    def merge(self) -> Merge | None:
+        return self._find(Merge)
+
+    @property
+    def offload(self) -> Offload | None:
+        return self._find(Offload)
+
+    @property
+    def quant(self) -> Quantizer | None:
+        part = self._find(Quant)
+        return None if part is None else part.fmt
+
+    @property
+    def sliding(self) -> Quantizer | None:
+        part = self._find(Sliding)
+        return None if part is None else part.fmt
+
+    @property
+    def residual(self) -> TokenFormat | None:
+        part = self._find(Residual)
+        return None if part is None else part.fmt
 
     def layer_specs(self, spec: ModelSpec) -> list[LayerSpec]:
         """How each layer of a model stores its tokens under this policy."""
@@ -119,21 +163,16 @@ class Policy:
                 f"policy {self.name}: {SLIDING}-{self.sliding.name} is the format of sliding-window "
                 "layers, and this model has none (every layer attends to the whole context)"
             )
+        # a full-attention layer is of the kind a part asks for (perhead, mixed, offload), else paged
+        asked = (part.layer_spec(fmt, residual) for part in self.parts)
+        full = next((layer for layer in asked if layer is not None), default_spec(None, fmt, residual))
         specs = []
         for window in spec.windows:
             if window is not None:  # sliding layers are never evicted from: their window bounds them
                 local = self.quant if self.sliding is None else self.sliding
                 specs.append(default_spec(window, local, self.residual if local is not None else None))
-            elif self.offload is not None:
-                places = (("sinks", self.offload.sinks), ("recent", self.offload.recent))
-                specs.append(LayerSpec("offload", fmt, places, residual))
-            elif self.heads is not None:
-                specs.append(LayerSpec("perhead", fmt, residual=residual))
-            elif self.mixed is not None:
-                options = (("low", self.mixed.low), ("low_share", self.mixed.low_share))
-                specs.append(LayerSpec("mixed", fmt, options, residual))
             else:
-                specs.append(default_spec(None, fmt, residual))
+                specs.append(full)
         return specs
 
     def byte_budget(self, cache: KVMemCache) -> int | None:
@@ -145,7 +184,7 @@ class Policy:
         """Whether the policy keeps a sequence within a byte budget by evicting or offloading, so
         that each sequence may be given its own share of the pool."""
         by_bytes = self.budget.fraction is None and self.budget.tokens is None
-        return by_bytes and (self.scorer is not None or self.offload is not None)
+        return by_bytes and self.bounds
 
     def caps(self, cache: KVMemCache) -> bool:
         """Whether this sequence is kept within a byte budget (its share, or the policy's)."""
@@ -303,9 +342,6 @@ class Policy:
             layer.keep_slots(chosen, capacity, need=need)
         else:
             layer.keep_slots(chosen, capacity, *self.merge.apply(keys, values, chosen))
-
-
-SLIDING = "sliding"  # ``sliding-<format>``: the block format of sliding-window layers
 
 
 def _compressible(cache: KVMemCache) -> list[KVLayer]:

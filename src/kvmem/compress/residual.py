@@ -28,12 +28,13 @@ import torch
 from kvmem.compress.packing import pack, packed_size, unpack
 from kvmem.compress.rotated import check_fp16
 from kvmem.compress.rotation import rotate, rotations, unrotate
+from kvmem.model.format import Layout
 
 RESIDUAL_BITS = (4, 5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
-class TokenLayout:
+class TokenLayout(Layout):
     heads: int
     block_size: int
     head_dim: int

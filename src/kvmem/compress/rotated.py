@@ -39,7 +39,7 @@ from kvmem.compress.codebook import lloyd_max, nearest, uniform
 from kvmem.compress.packing import pack, packed_size, unpack
 from kvmem.compress.rotation import rotate, rotations, unrotate
 from kvmem.errors import KVMemError
-from kvmem.model.format import write_parts
+from kvmem.model.format import Layout, write_parts
 
 ROTATED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 _FP16_MAX = 65504.0
@@ -65,7 +65,7 @@ def check_fp16(stats: list[torch.Tensor]) -> None:
 
 
 @dataclass(frozen=True)
-class RotatedLayout:
+class RotatedLayout(Layout):
     heads: int
     block_size: int
     head_dim: int

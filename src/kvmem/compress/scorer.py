@@ -8,6 +8,8 @@ from typing import ClassVar
 
 import torch
 
+from kvmem.compress.part import Part
+
 
 @dataclass(frozen=True)
 class ScoreInputs:
@@ -27,17 +29,22 @@ class ScoreInputs:
         return self.keys.shape[1]
 
 
-class Scorer(ABC):
+class Scorer(Part, ABC):
     """Scores the held tokens of one layer. Does not modify the cache; always safe to call.
 
     ``query_window > 0`` asks the engine to remember that many recent queries per layer;
     ``accumulates`` asks it to add up, for every held token, the attention it receives.
     ``per_head`` says each head's scores depend on that head's tokens only, which head-adaptive
     budgets (AdaKV), where heads hold different tokens, need.
+
+    As a policy part it fills the ``scorer`` slot and evicts: blocks made under it are no prefix's.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    slot = "scorer"
+    evicts = bounds = True
+    shares_prefix = False
     query_window: ClassVar[int] = 0
     accumulates: ClassVar[bool] = False
     per_head: ClassVar[bool] = True

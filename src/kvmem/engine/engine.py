@@ -73,7 +73,7 @@ class Engine:
     # --- requests
     def _make_policy(self, name: str) -> Policy:
         policy = make_policy(name, self.config.budget)
-        if self.config.compress_after_prompt is not None and policy.scorer is not None:
+        if self.config.compress_after_prompt is not None and policy.evicts:
             policy = dataclasses.replace(policy, after_prompt=True)
         return policy
 

@@ -67,11 +67,12 @@ class Sequence:
 
     def _new_cache(self) -> KVMemCache:
         policy = self.policy
-        offloads = policy is not None and policy.offload is not None
+        specs = None if policy is None else policy.layer_specs(self.spec)
+        offloads = specs is not None and any(spec.needs_store for spec in specs)
         cache = KVMemCache(
             self.pool,
             self.spec,
-            None if policy is None else policy.layer_specs(self.spec),
+            specs,
             device=self.model.device,
             store=OffloadStore() if offloads else None,
         )
@@ -138,7 +139,7 @@ class Sequence:
         bytes other sequences hold, for a sequence without a share of its own."""
         if self.policy is None:
             return
-        if self.policy.scorer is not None:
+        if self.policy.evicts:
             self.policy.capacities(self.cache)  # raises if the budget cannot hold even a minimal cache
         if self.deferring and self.pool.budget is not None:
             peak = self.cache.bytes_to_grow(self.num_pending)

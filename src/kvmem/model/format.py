@@ -19,12 +19,37 @@ import torch
 
 
 class Layout(Protocol):
-    """Where each part of a quantized block sits in its byte buffer."""
+    """Where each part of a quantized block sits in its byte buffer, and what else a format knows
+    of a layer's blocks. A format's layout subclasses ``Layout`` to inherit the hooks' defaults
+    (no state, no compiled kernel), so that snapshots, the kernel and the vLLM connector ask the
+    layout rather than knowing formats by name."""
 
     @property
     def nbytes(self) -> int:
         """Bytes of one quantized block, everything included."""
         ...
+
+    @property
+    def kernel_geometry(self) -> tuple[int, ...] | None:
+        """What kvmem's compiled attention (``kvmem.model.kernel``) needs to read this layout's
+        blocks in place; None where it cannot (attention then decodes them first)."""
+        return None
+
+    @property
+    def layer_state(self) -> bool:
+        """Whether ``encode`` records per-layer state on the layout (BFP's channel permutation):
+        one layout then serves one layer, and a snapshot keeps ``state()``."""
+        return False
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The per-layer state recorded so far, by name (empty for most formats). Read only."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set state that ``state()`` returned (tensors on the layer's device). Raises
+        ``ValueError`` for a name this layout does not hold."""
+        if state:
+            raise ValueError(f"this block format keeps no per-layer state, got {sorted(state)}")
 
 
 L = TypeVar("L", bound=Layout)

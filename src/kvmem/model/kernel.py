@@ -126,8 +126,8 @@ def _fake(
 
 
 def usable(pasts: Sequence[Past], query: torch.Tensor) -> tuple[int, ...] | None:
-    """The KIVI geometry to pass (zeros when no block is quantized) if the kernel can serve these
-    pasts for ``query``; None when attention must take the PyTorch path."""
+    """The block geometry to pass (``Layout.kernel_geometry``; zeros when no block is quantized) if
+    the kernel can serve these pasts for ``query``; None when attention must take the PyTorch path."""
     if _switched_off or query.device.type != "cpu" or query.dtype not in _DTYPES:
         return None
     geometry: tuple[int, ...] | None = None
@@ -135,7 +135,7 @@ def usable(pasts: Sequence[Past], query: torch.Tensor) -> tuple[int, ...] | None
         if past.valid is not None:
             return None
         if past.packed:
-            found = getattr(past.layout, "kernel_geometry", None)
+            found = past.layout.kernel_geometry  # None: a format the kernel does not read
             if found is None or (geometry is not None and found != geometry):
                 return None
             geometry = found

@@ -42,13 +42,7 @@ class PrefixSharingError(KVMemError, ValueError):
 
 
 def can_share(policy: Policy | None) -> bool:
-    return policy is None or (
-        policy.scorer is None
-        and policy.heads is None
-        and policy.mixed is None
-        and policy.merge is None
-        and policy.offload is None
-    )
+    return policy is None or policy.shares_prefix
 
 
 @dataclass

@@ -5,7 +5,8 @@ by block, in its own pool. Every block is stored as it is held: a full-precision
 keys and values, a quantized one as its ``uint8`` buffer (nothing is decoded or re-encoded), so
 a restored cache is bit-identical to the saved one. Besides the blocks, what a policy reads on
 later turns is kept too: each layer's recent queries, accumulated attention and softmax scale
-(eviction scorers), the key-channel permutation of a BFP layout, and measured layer shares (CAKE).
+(eviction scorers), a block format's per-layer state (``Layout.state``: BFP's key-channel permutation),
+and measured layer shares (CAKE).
 
 Every layer kind holds its blocks in named ``BlockList``s (``layer.parts()``: ``""`` for paged
 and sliding layers, ``".h0"``… per head, ``".high"`` / ``".low"`` for mixed precision); each part
@@ -75,9 +76,9 @@ def _snapshot_part(part: BlockList, name: str, tensors: dict[str, torch.Tensor])
         tensors[f"{name}.packed"] = torch.stack(packed).cpu()  # [n, nbytes]
     if partial:  # its unwritten slots are zeros since allocation
         tensors[f"{name}.partial"] = torch.stack(partial).cpu()  # [1, nbytes]
-    permutation = getattr(part.layout, "permutation", None)  # BFP: chosen by the first block
-    if permutation is not None:
-        tensors[f"{name}.permutation"] = permutation.cpu().contiguous().clone()
+    if part.layout is not None:  # the format's per-layer state (BFP: the permutation its first block chose)
+        for key, value in part.layout.state().items():
+            tensors[f"{name}.{key}"] = value.cpu().contiguous().clone()
     return {
         "start": part.table.start,
         "length": part.table.length,
@@ -174,11 +175,18 @@ def _restore_part(
     for kind in blocks:  # each added to the table at once, so that release() frees it on error
         part.add_block(next(sources[kind]), kind)
     part.table.start, part.table.length = start, length
-    permutation = tensors.get(f"{name}.permutation")
-    if permutation is not None:
-        if not hasattr(part.layout, "permutation"):
-            raise CorruptCacheError(f"layer part {name}: a key permutation, but this layer's format has none")
-        part.layout.permutation = permutation.to(device)
+    # the layout's state: every other tensor named ``{name}.{key}`` (block kinds and scorer state aside)
+    taken = {"full", "packed", "partial", *_STATE}
+    keys = [n.removeprefix(f"{name}.") for n in tensors if n.startswith(f"{name}.")]
+    state = {key: tensors[f"{name}.{key}"].to(device) for key in keys if key not in taken and "." not in key}
+    if state:
+        try:
+            if part.layout is None:
+                raise ValueError("its blocks are in the model's dtype")
+            part.layout.load_state(state)
+        except ValueError as exc:
+            why = f"layer part {name}: format state {sorted(state)} does not fit: {exc}"
+            raise CorruptCacheError(why) from exc
 
 
 def _blocks(

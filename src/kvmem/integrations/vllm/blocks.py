@@ -7,10 +7,11 @@ viewed as [H, 2, bs, D] is (keys, values) — kvmem's own block shape with the f
 Formats (``BlockFormat``):
 - ``raw``: the block as vLLM holds it (bfloat16 on CPU): loading it gives bit-identical KV, so
   greedy tokens are the same as computing it. The default.
-- a kvmem quantizer whose decoding needs nothing but the block's bytes (``kivi8``, ``kivi4``,
-  ``kivi2``): every layer's keys and values in one packed ``uint8`` buffer — for SmolLM2's blocks
-  (3 KV heads, 128 tokens, head dim 64) 0.5625, 0.3125 and 0.1875 of the bf16 bytes, float16 scales
-  and zero points included; lossy (see kvmem's KL gates).
+- a block format of kvmem's registry whose layout keeps no per-layer state (``settings.FORMATS``:
+  ``kivi8``, ``kivi4``, ``kivi2``, the rotated ones): every layer's keys and values in one packed
+  ``uint8`` buffer — for SmolLM2's blocks (3 KV heads, 128 tokens, head dim 64) KIVI's are 0.5625,
+  0.3125 and 0.1875 of the bf16 bytes, float16 scales and zero points included; lossy (see kvmem's
+  KL gates).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmem.compress.kivi import KIVI
+from kvmem.compress.formats import QUANTIZERS
 from kvmem.integrations.vllm.settings import FORMATS, ConnectorConfigError
 from kvmem.model.format import Layout, Quantizer
 
@@ -44,7 +45,7 @@ class BlockFormat:
         self.quantizer: Quantizer | None = None
         self.layout: Layout | None = None
         if self.name != "raw":
-            self.quantizer = KIVI(int(self.name.removeprefix("kivi")))
+            self.quantizer = QUANTIZERS[self.name]
             self.layout = self.quantizer.layout(self.heads, self.block_size, self.head_dim)
 
     def encode(self, layers: torch.Tensor) -> torch.Tensor:

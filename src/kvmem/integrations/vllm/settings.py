@@ -8,10 +8,23 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kvmem.compress.bits import REFERENCE_GEOMETRY
+from kvmem.compress.formats import QUANTIZERS
 from kvmem.errors import KVMemError
 from kvmem.tiers.redis import DEFAULT_TIMEOUT_S, DEFAULT_TTL_S, check_url
 
-FORMATS = ("raw", "kivi8", "kivi4", "kivi2")
+
+def _one_layout_fits_all(name: str) -> bool:
+    """The connector encodes every layer of a block with one layout: formats that record per-layer
+    state on it (BFP's channel permutation) are left out."""
+    return not QUANTIZERS[name].layout(*REFERENCE_GEOMETRY).layer_state
+
+
+# "raw", then the registered block formats, most bits first
+FORMATS = (
+    "raw",
+    *sorted(filter(_one_layout_fits_all, QUANTIZERS), key=lambda name: -QUANTIZERS[name].bits),
+)
 KNOWN = {"redis_url", "format", "ttl_s", "timeout_s", "model_identity"}
 
 
