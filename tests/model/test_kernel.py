@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -15,7 +18,10 @@ from kvmem.model.past import Past, decode_packed
 
 H, G, D, BS = 2, 3, 32, 8
 
-pytestmark = pytest.mark.skipif(kernel.library() is None, reason="no C++ compiler: the PyTorch path is used")
+# with a compiler the operator must build: a failed build fails these tests instead of skipping them
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler: the PyTorch path is used"
+)
 
 
 def reference(q: torch.Tensor, nk: torch.Tensor, nv: torch.Tensor, pasts: list[Past]) -> torch.Tensor:

@@ -86,15 +86,16 @@ def library() -> bool:
     folder = cache_dir() / "kernels" / f"paged-attention-{key}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            name=f"kvmem_paged_attention_{key}",
-            sources=[str(SOURCE)],
-            extra_cflags=list(FLAGS),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(folder),
-            is_python_module=False,
-            verbose=False,
-        )
+        with _ninja_on_path():
+            cpp_extension.load(
+                name=f"kvmem_paged_attention_{key}",
+                sources=[str(SOURCE)],
+                extra_cflags=list(FLAGS),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                is_python_module=False,
+                verbose=False,
+            )
     except (OSError, RuntimeError, ImportError) as exc:  # no ninja, a compiler error, a bad .so
         warnings.warn(
             f"kvmem: compiled attention unavailable, using PyTorch's ({str(exc)[-400:]})", stacklevel=2
@@ -102,6 +103,22 @@ def library() -> bool:
         return False
     _register_fake()
     return True
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """``cpp_extension`` runs ``ninja`` from ``PATH``: where only the ``ninja`` wheel has it (a virtual
+    environment not activated), its folder is put on ``PATH`` for the build."""
+    before = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, before])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
 
 
 def _register_fake() -> None:
