@@ -10,10 +10,10 @@ attention reads the bytes the pool holds and nothing else.
 It is a PyTorch operator, ``torch.ops.kvmem.paged_decode`` (registered with ``TORCH_LIBRARY``, a
 fake implementation for tracing beside it), built on first use with ``torch.utils.cpp_extension``
 and the system's C++ compiler (``c++`` or ``$CXX``; under a minute, once) into kvmem's cache folder,
-named by a hash of the source, the flags, this CPU and this torch. It runs on PyTorch's own thread
-pool (``torch.set_num_threads`` governs both). Where it cannot be had (no compiler, another device
-than the CPU, a block format it does not read, per-head padding) attention takes the PyTorch path:
-gather, then SDPA. ``KVMEM_KERNEL=0`` turns it off.
+named by a hash of the source (and its path), the flags, this CPU and this torch. It runs on
+PyTorch's own thread pool (``torch.set_num_threads`` governs both). Where it cannot be had (no
+compiler, another device than the CPU, a block format it does not read, per-head padding) attention
+takes the PyTorch path: gather, then SDPA. ``KVMEM_KERNEL=0`` turns it off.
 
 Simplification: the operator reads blocks at the addresses in its ``segments`` table, not from
 tensor arguments, so it is called eagerly with the blocks alive (a compiled graph may call it, but
@@ -82,6 +82,7 @@ def library() -> bool:
         + compiler.encode()
         + _cpu_signature().encode()
         + torch.__version__.encode()
+        + str(SOURCE).encode()  # ninja's build file names the source: one build folder per checkout
     ).hexdigest()[:16]
     folder = cache_dir() / "kernels" / f"paged-attention-{key}"
     try:
